@@ -1,0 +1,3 @@
+from mtl_lightning.cli import main
+
+main()

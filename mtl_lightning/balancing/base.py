@@ -1,0 +1,181 @@
+"""The balancing contract.
+
+A balancing method is a Lightning :class:`~lightning.pytorch.callbacks.Callback` configured under
+``trainer.callbacks``. At every training micro-batch the :class:`~mtl_lightning.models.MultiTaskModule`
+computes the per-task losses and hands them to the (single) balancing method in a
+:class:`BalancingContext`; the method turns them into parameter gradients through the context and
+returns the effective weight of each task (logged as ``train/<task>/weight``). After each optimizer
+step the method gets :meth:`BalancingMethod.on_optimizer_step` (for post-step updates, e.g. FAMO).
+
+Everything a method may touch goes through the context (``ctx.backward``, ``ctx.reduce_mean``,
+``ctx.shared_parameters``…), never through the module's attributes. Learnable weights are
+registered with :meth:`BalancingContext`-independent :meth:`BalancingMethod.register_parameters`
+during ``setup`` so that they live in the module: synchronised by DDP, saved in checkpoints, and
+put in their own optimizer parameter group without weight decay.
+
+Two families derive from :class:`BalancingMethod`:
+
+* :class:`LossWeighting` — methods that need the losses only; they implement :meth:`LossWeighting.combine`.
+* gradient methods (``mtl_lightning.gradients``) — methods that need per-task gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mtl_lightning.models.module import MultiTaskModule
+
+
+@dataclass
+class BalancingContext:
+    """What a balancing method sees at one training micro-batch.
+
+    Attributes:
+        losses: Mean loss of each task present in the micro-batch (differentiable), in task order.
+            A task with no labelled sample in the micro-batch is absent.
+        task_names: All task names of the model, in order.
+        features: The encoder's output (shared representation, or a dict per task).
+        batch: The micro-batch itself (methods that re-evaluate the losses after a step use it).
+        global_step: Optimizer steps taken so far.
+        epoch: Current epoch.
+        is_last_microbatch: True when the optimizer steps after this micro-batch.
+    """
+
+    losses: dict[str, Tensor]
+    task_names: list[str]
+    features: Any
+    batch: Mapping[str, Any]
+    global_step: int
+    epoch: int
+    is_last_microbatch: bool
+    _module: "MultiTaskModule" = field(repr=False)
+
+    # -- gradients ----------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate ``loss`` into ``.grad`` (handles AMP scaling, accumulation and DDP sync)."""
+        self._module.balanced_backward(loss, sync=self.is_last_microbatch)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return self._module.shared_parameters()
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return self._module.task_parameters(task)
+
+    def recompute_losses(self) -> dict[str, Tensor]:
+        """The task losses on this micro-batch with the current parameters, without gradient."""
+        with torch.no_grad():
+            return self._module.compute_losses(self.batch)[1]
+
+    # -- distributed --------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self._module.trainer.world_size
+
+    def reduce_mean(self, tensor: Tensor) -> Tensor:
+        """Mean of ``tensor`` over all DDP ranks (identity on one process)."""
+        return self._module.reduce_mean(tensor)
+
+    def loss_vector(self, losses: Optional[Mapping[str, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        """Detached losses of all tasks as a (T,) vector averaged over ranks, and a presence mask.
+
+        Tasks absent on every rank get NaN. The result is identical on every rank, so history-based
+        state built from it (DWA, STCH, FAMO…) stays in sync and checkpoints from rank 0 are right.
+        """
+        losses = self.losses if losses is None else losses
+        ref = next(iter(losses.values())) if losses else torch.zeros(())
+        values = torch.zeros(len(self.task_names), device=ref.device, dtype=torch.float32)
+        counts = torch.zeros_like(values)
+        for i, name in enumerate(self.task_names):
+            if name in losses:
+                values[i] = losses[name].detach().float()
+                counts[i] = 1.0
+        summed = self.reduce_mean(torch.stack([values, counts])) * self.world_size
+        present = summed[1] > 0
+        mean = torch.where(present, summed[0] / summed[1].clamp_min(1), torch.full_like(values, float("nan")))
+        return mean, present
+
+
+class BalancingMethod(Callback):
+    """Base class of every task-balancing method.
+
+    Subclasses implement :meth:`backward`. Set ``needs_all_tasks_per_step = True`` for methods that
+    need every task's loss at every step (all gradient methods).
+    """
+
+    needs_all_tasks_per_step: ClassVar[bool] = False
+    #: Extra options of the optimizer parameter group of this method's learnable parameters.
+    parameter_group_options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._module: Optional["MultiTaskModule"] = None
+
+    # -- wiring -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from mtl_lightning.models.module import MultiTaskModule
+
+        if not isinstance(pl_module, MultiTaskModule):
+            raise TypeError(
+                f"{self.name} is a balancing callback for MultiTaskModule, got {type(pl_module).__name__}."
+            )
+        self._module = pl_module
+        self.attach(pl_module.task_names)
+
+    def attach(self, task_names: list[str]) -> None:
+        """Called once the tasks are known (before the strategy wraps the model). Register learnable
+        parameters here with :meth:`register_parameters`; validate per-task options."""
+
+    def register_parameters(self, parameters: Mapping[str, nn.Parameter]) -> None:
+        """Give learnable weights to the module: DDP-synchronised, checkpointed, own param group."""
+        assert self._module is not None
+        self._module.register_balancing_parameters(self, parameters)
+
+    def check_task_keys(self, option: str, mapping: Mapping[str, Any], task_names: list[str]) -> None:
+        """Raise a clear error when a per-task option names tasks the model does not have."""
+        unknown = sorted(set(mapping) - set(task_names))
+        if unknown:
+            raise ValueError(
+                f"{self.name}: '{option}' names unknown task(s) {unknown}; the model's tasks are {task_names}."
+            )
+
+    # -- the contract -------------------------------------------------------------------------
+    def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
+        """Turn ``ctx.losses`` into gradients (through ``ctx``); return each task's effective weight."""
+        raise NotImplementedError
+
+    def on_optimizer_step(self, ctx: BalancingContext) -> None:
+        """Called right after each optimizer step, with the context of its last micro-batch."""
+
+
+class LossWeighting(BalancingMethod):
+    """A method that needs only the task losses: it combines them into one scalar objective."""
+
+    def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return (objective, effective weight of each task)."""
+        raise NotImplementedError
+
+    def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
+        objective, weights = self.combine(ctx.losses, ctx)
+        ctx.backward(objective)
+        return weights
+
+
+def effective_weights(objective_fn: Callable[[Tensor], Tensor], losses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """∂objective/∂L_t at the current losses: the effective weight of each task for a nonlinear
+    combination (GLS, SI, STCH…), computed on detached copies."""
+    names = list(losses)
+    vec = torch.stack([losses[n].detach().float() for n in names]).requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(objective_fn(vec), vec)
+    return {n: grad[i] for i, n in enumerate(names)}

@@ -1,0 +1,6 @@
+"""Models: the multi-task LightningModule and the encoders it shares between tasks."""
+
+from mtl_lightning.models.encoders import MLP, SmallCNN
+from mtl_lightning.models.module import MultiTaskModule
+
+__all__ = ["MultiTaskModule", "MLP", "SmallCNN"]

@@ -1,0 +1,402 @@
+"""The multi-task LightningModule: one shared encoder, one head per task.
+
+The module computes per-task losses and metrics; *how* the losses become an update is decided by
+the balancing callback (``mtl_lightning.balancing``). The module therefore drives optimization
+itself (Lightning's manual optimization) and honours the Trainer's ``gradient_clip_val``,
+``gradient_clip_algorithm`` and ``accumulate_grad_batches`` (the CLI hands them over to it; in
+Python pass them to the module), AMP loss scaling, DDP and LR schedulers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
+from torch import Tensor, nn
+
+from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.balancing.equal import EqualWeighting
+from mtl_lightning.metrics.delta import delta_mtl
+from mtl_lightning.tasks.task import Task, TaskConfigError
+
+_BALANCING_PREFIX = "balancing_parameters."
+
+
+class MultiTaskModule(pl.LightningModule):
+    """Hard parameter sharing: ``encoder`` → features → ``heads[task]`` → task outputs.
+
+    Args:
+        encoder: Shared encoder, any ``nn.Module``; exposes ``out_features`` unless every task brings
+            its own head. It may return a dict of per-task features and define
+            ``regularization()`` (soft sharing's λR(θ)).
+        tasks: The tasks (classification, multi-label, regression… side by side).
+        optimizer: Optimizer factory (``class_path`` in YAML); learnable balancing weights get their
+            own parameter group without weight decay.
+        lr_scheduler: Optional LR scheduler factory.
+        lr_scheduler_interval: ``"epoch"`` or ``"step"`` (per optimizer step).
+        lr_scheduler_monitor: Metric fed to ``ReduceLROnPlateau``.
+        gradient_clip_val: Clip gradients (after AMP unscaling) to this value; 0/None: no clipping.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        accumulate_grad_batches: Micro-batches per optimizer step.
+        input_key: Key of the model input in the batch dict.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tasks: Sequence[Task],
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        lr_scheduler_interval: str = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: str = "norm",
+        accumulate_grad_batches: int = 1,
+        input_key: str = "input",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder"], logger=False)
+        self.automatic_optimization = False
+        tasks = list(tasks)
+        if not tasks:
+            raise TaskConfigError("MultiTaskModule needs at least one task.")
+        names = [t.name for t in tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise TaskConfigError(f"Task names must be unique; repeated: {dupes}.")
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}.")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}.")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
+
+        self.encoder = encoder
+        self.tasks: dict[str, Task] = {t.name: t for t in tasks}
+        in_features = getattr(encoder, "out_features", None)
+        heads = {}
+        for task in tasks:
+            if task.head is None and not isinstance(in_features, int):
+                raise TaskConfigError(
+                    f"Task '{task.name}' has no head and the encoder {type(encoder).__name__} has no integer "
+                    "'out_features' to build one; give the task a head or the encoder out_features."
+                )
+            heads[task.name] = task.build_head(in_features) if task.head is None else task.head
+        self.heads = nn.ModuleDict(heads)
+        self.balancing_parameters = nn.ParameterDict()
+        self._balancing_groups: dict[str, list[str]] = {}
+
+        self.eval_metrics = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({t.name: torchmetrics.MetricCollection(t.make_metrics()) for t in tasks})
+                for stage in ("val", "test")
+            }
+        )
+        self.eval_losses = nn.ModuleDict(
+            {stage: nn.ModuleDict({t.name: torchmetrics.MeanMetric() for t in tasks}) for stage in ("val", "test")}
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.input_key = input_key
+        self.balancer: BalancingMethod = EqualWeighting()
+        self._checked_stages: set[str] = set()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters shared by the tasks (the encoder's)."""
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """Trainable parameters of one task's head."""
+        return [p for p in self.heads[task].parameters() if p.requires_grad]
+
+    def register_balancing_parameters(self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]) -> None:
+        """Attach a balancing method's learnable weights to the module (see ``BalancingMethod``)."""
+        keys = []
+        for key, param in parameters.items():
+            full = f"{owner.name}__{key}"
+            if full not in self.balancing_parameters:
+                self.balancing_parameters[full] = param
+            keys.append(full)
+        self._balancing_groups[owner.name] = keys
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-task outputs (raw logits / values) for the input ``x``."""
+        return self.heads_forward(self.encoder(x))
+
+    def heads_forward(self, features: Any) -> dict[str, Tensor]:
+        if isinstance(features, Mapping):
+            missing = [n for n in self.tasks if n not in features]
+            if missing:
+                raise TaskConfigError(f"The encoder returned features for {sorted(features)} but not for task(s) {missing}.")
+            return {name: head(features[name]) for name, head in self.heads.items()}
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def _input(self, batch: Mapping[str, Any]) -> Tensor:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"Batches must be dicts with an '{self.input_key}' key and one label key per task, got {type(batch).__name__}.")
+        if self.input_key not in batch:
+            raise KeyError(f"The batch has no input key '{self.input_key}' (keys: {sorted(batch)}); set model.input_key.")
+        return batch[self.input_key]
+
+    def compute_losses(self, batch: Mapping[str, Any], stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+        """Encode, run the heads, and compute each task's mean loss over its labelled samples.
+
+        Returns (features, outputs, losses); a task with no labelled sample is absent from losses.
+        Raises ``FloatingPointError`` naming the task when a loss is not finite.
+        """
+        features = self.encoder(self._input(batch))
+        outputs = self.heads_forward(features)
+        targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
+        if stage not in self._checked_stages:
+            for name, task in self.tasks.items():
+                task.check_output(outputs[name], targets[name])
+            self._checked_stages.add(stage)
+        counts = torch.stack([task.valid_mask(targets[n]).sum() for n, task in self.tasks.items()]).tolist()
+        losses = {
+            name: task.loss(outputs[name], targets[name])
+            for (name, task), count in zip(self.tasks.items(), counts)
+            if count > 0
+        }
+        if losses and not bool(torch.isfinite(torch.stack([l.detach() for l in losses.values()])).all()):
+            bad = [n for n, l in losses.items() if not math.isfinite(float(l))]
+            raise FloatingPointError(
+                f"Non-finite loss for task(s) {bad} at {stage} step {self.global_step} "
+                f"(values: {{{', '.join(f'{n}: {float(losses[n])}' for n in bad)}}}). "
+                "Check that task's labels, its head, the learning rate and the balancing method."
+            )
+        return features, outputs, losses
+
+    def regularization(self) -> Optional[Tensor]:
+        """The encoder's λR(θ) term (soft parameter sharing), or None."""
+        fn = getattr(self.encoder, "regularization", None)
+        return fn() if callable(fn) else None
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        available = getattr(datamodule, "label_keys", None)
+        if available is not None:
+            for task in self.tasks.values():
+                if task.label_key not in available:
+                    raise TaskConfigError(
+                        f"Task '{task.name}' reads label key '{task.label_key}', which the data module "
+                        f"{type(datamodule).__name__} does not provide (it provides {sorted(available)})."
+                    )
+        balancers = [cb for cb in self.trainer.callbacks if isinstance(cb, BalancingMethod)]
+        if len(balancers) > 1:
+            raise ValueError(
+                "Only one balancing method can be used at a time; trainer.callbacks has "
+                f"{[b.name for b in balancers]}. Keep one of them."
+            )
+        if balancers:
+            self.balancer = balancers[0]
+        else:
+            self.balancer = EqualWeighting()
+            self.balancer.setup(self.trainer, self, stage)
+        per_step = getattr(datamodule, "tasks_per_step", "all")
+        if self.balancer.needs_all_tasks_per_step and per_step != "all":
+            raise ValueError(
+                f"{self.balancer.name} needs the loss of every task at every step (it combines per-task "
+                f"gradients of the same step), but the data module draws {per_step!r} task(s) per step. "
+                "Use an all-tasks-per-step mixing policy or a loss-weighting method."
+            )
+
+    def configure_optimizers(self) -> Any:
+        balancing_ids = {id(p) for p in self.balancing_parameters.values()}
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in balancing_ids]}
+        ]
+        owners = {b.name: b for b in self.trainer.callbacks if isinstance(b, BalancingMethod)}
+        for owner_name, keys in self._balancing_groups.items():
+            options = dict(getattr(owners.get(owner_name), "parameter_group_options", {}))
+            groups.append({"params": [self.balancing_parameters[k] for k in keys], "weight_decay": 0.0, **options})
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval, "monitor": self.lr_scheduler_monitor},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint trained with learnable balancing weights loads into a module without that
+        # balancing method (e.g. for inference or fine-tuning): drop the weights it has no slot for.
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(_BALANCING_PREFIX)]:
+            if key[len(_BALANCING_PREFIX):] not in self.balancing_parameters:
+                del state[key]
+
+    # ------------------------------------------------------------------ training
+    def reduce_mean(self, tensor: Tensor) -> Tensor:
+        """Mean over DDP ranks (a copy; identity on one process)."""
+        if self.trainer.world_size <= 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+
+    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        strategy = self.trainer.strategy
+        if not sync and isinstance(strategy, ParallelStrategy):
+            return strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    def balanced_backward(self, loss: Tensor, sync: bool = True) -> None:
+        """Backward of one micro-batch's objective into ``.grad`` (1/accumulate scaling, AMP scaling;
+        DDP gradient sync only when ``sync``)."""
+        loss = loss + self._unused_outputs_anchor
+        with self._sync_context(sync):
+            self.manual_backward(loss / self.accumulate_grad_batches)
+
+    def _is_last_microbatch(self, batch_idx: int) -> bool:
+        return (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        features, outputs, losses = self.compute_losses(batch, "train")
+        if not losses:
+            raise ValueError(
+                f"Training batch {batch_idx} has no label for any task ({self.task_names}); "
+                "every training batch needs at least one labelled sample."
+            )
+        # Outputs of tasks without labels in this batch take part in the graph with weight 0 so
+        # that DDP sees a gradient (zero) for every head.
+        absent = [outputs[n] for n in self.tasks if n not in losses]
+        self._unused_outputs_anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device))
+        last = self._is_last_microbatch(batch_idx)
+        reg = self.regularization()
+        if reg is not None:
+            # R(θ) depends on parameters only: its gradient is the same on every rank, no sync needed.
+            self.balanced_backward(reg, sync=False)
+        ctx = BalancingContext(
+            losses=losses,
+            task_names=self.task_names,
+            features=features,
+            batch=batch,
+            global_step=self.global_step,
+            epoch=self.current_epoch,
+            is_last_microbatch=last,
+            _module=self,
+        )
+        weights = self.balancer.backward(ctx)
+        if last:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.balancer.on_optimizer_step(ctx)
+            scheduler = self.lr_schedulers()
+            if scheduler is not None and self.lr_scheduler_interval == "step":
+                self._step_scheduler(scheduler)
+        self._log_training(losses, weights, reg, batch_size=len(self._input(batch)))
+
+    def _log_training(
+        self, losses: dict[str, Tensor], weights: dict[str, Tensor], reg: Optional[Tensor], batch_size: int
+    ) -> None:
+        total = torch.zeros((), device=self.device)
+        for name, loss in losses.items():
+            self.log(f"train/{name}/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+            total = total + loss.detach()
+        for name, weight in weights.items():
+            self.log(f"train/{name}/weight", torch.as_tensor(weight, dtype=torch.float32).detach(), on_step=True, on_epoch=False)
+        if reg is not None:
+            self.log("train/regularization", reg.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Runs after AMP unscaling, so the clip threshold applies to true gradients.
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.lr_scheduler_interval == "epoch":
+            self._step_scheduler(scheduler)
+
+    def _step_scheduler(self, scheduler: Any) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            value = self.trainer.callback_metrics.get(self.lr_scheduler_monitor)
+            if value is None:
+                raise KeyError(
+                    f"ReduceLROnPlateau monitors '{self.lr_scheduler_monitor}', which was not logged; "
+                    f"logged metrics: {sorted(self.trainer.callback_metrics)}. Set model.lr_scheduler_monitor."
+                )
+            scheduler.step(value)
+        else:
+            scheduler.step()
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        features = self.encoder(self._input(batch))
+        outputs = self.heads_forward(features)
+        for name, task in self.tasks.items():
+            target = task.get_target(batch)
+            if stage not in self._checked_stages:
+                task.check_output(outputs[name], target)
+            mask = task.valid_mask(target)
+            count = int(mask.sum())
+            if count == 0:
+                continue
+            self.eval_losses[stage][name].update(task.loss(outputs[name], target), weight=count)
+            self.eval_metrics[stage][name].update(*task.metric_inputs(outputs[name], target))
+        self._checked_stages.add(stage)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        total = 0.0
+        for name in self.tasks:
+            loss = self.eval_losses[stage][name].compute()
+            self.eval_losses[stage][name].reset()
+            if not torch.isfinite(loss):  # no labelled sample on any rank
+                self.eval_metrics[stage][name].reset()
+                continue
+            values = {k: float(v) for k, v in self.eval_metrics[stage][name].compute().items()}
+            self.eval_metrics[stage][name].reset()
+            total += float(loss)
+            results[name] = values
+            self.log(f"{stage}/{name}/loss", float(loss))
+            for metric, value in values.items():
+                self.log(f"{stage}/{name}/{metric}", value)
+        if results:
+            self.log(f"{stage}/loss", total)
+        baselines = {n: t.baselines for n, t in self.tasks.items() if t.baselines}
+        if baselines:
+            directions = {n: t.higher_is_better() for n, t in self.tasks.items()}
+            delta = delta_mtl(results, baselines, directions)
+            if delta is not None:
+                self.log(f"{stage}/delta_mtl", delta.delta_mtl)
+                self.log(f"{stage}/delta_m", delta.delta_m)
+                for name, value in delta.per_task.items():
+                    self.log(f"{stage}/{name}/delta", value)
+        return results
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = self._input(batch) if isinstance(batch, Mapping) else batch
+        outputs = self(x)
+        return {name: self.tasks[name].predict(out) for name, out in outputs.items()}

@@ -1,0 +1,12 @@
+"""Task definitions: what each task predicts, how it is scored, where its label lives."""
+
+from mtl_lightning.tasks.task import (
+    ClassificationTask,
+    MetricSpec,
+    MultiLabelTask,
+    RegressionTask,
+    Task,
+    TaskConfigError,
+)
+
+__all__ = ["Task", "ClassificationTask", "MultiLabelTask", "RegressionTask", "MetricSpec", "TaskConfigError"]

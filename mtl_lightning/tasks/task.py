@@ -1,0 +1,318 @@
+"""Tasks as first-class objects.
+
+A :class:`Task` knows everything that is specific to one learning problem: its name, where its
+label sits in the batch, how to build its head, its loss, its metrics (each with a direction) and
+optional single-task baselines. The :class:`~mtl_lightning.models.MultiTaskModule` owns the
+modules; the task describes them. Samples may lack a label for a task: such samples are masked out
+of that task's loss and metrics (never counted as zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric factory with its direction (``higher_is_better``)."""
+
+    factory: Callable[[], torchmetrics.Metric]
+    higher_is_better: bool
+
+
+class TaskConfigError(ValueError):
+    """A task is configured inconsistently with the model or the data."""
+
+
+class Task:
+    """Base class of a task. Subclasses define the head size, the loss and the metrics.
+
+    Args:
+        name: Unique task name; used in every logged key (``train/<name>/loss``).
+        label_key: Key of the task's label in the batch dict (defaults to ``name``).
+        head: Optional head module mapping the encoder's features to this task's outputs. When
+            omitted, :meth:`build_head` makes a linear head (or an MLP, see ``head_hidden``).
+        head_hidden: Hidden sizes of the default MLP head (empty: a single linear layer).
+        baselines: Single-task baseline value of each metric (``{"accuracy": 0.97}``), used for
+            Δ_MTL and negative-transfer monitoring.
+    """
+
+    #: Number of outputs of the head.
+    output_size: int
+
+    def __init__(
+        self,
+        name: str,
+        label_key: Optional[str] = None,
+        head: Optional[nn.Module] = None,
+        head_hidden: tuple[int, ...] = (),
+        baselines: Optional[dict[str, float]] = None,
+    ) -> None:
+        if not name or "/" in name:
+            raise TaskConfigError(f"Task name {name!r} must be a non-empty string without '/'.")
+        self.name = name
+        self.label_key = label_key or name
+        self.head = head
+        self.head_hidden = tuple(head_hidden)
+        self.baselines = dict(baselines or {})
+        unknown = set(self.baselines) - set(self.metric_specs())
+        if unknown:
+            raise TaskConfigError(
+                f"Task '{name}': baselines given for unknown metric(s) {sorted(unknown)}; "
+                f"the task's metrics are {sorted(self.metric_specs())}."
+            )
+
+    # ----------------------------------------------------------------- to override
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        """The task's metrics by name."""
+        raise NotImplementedError
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        """Boolean mask over the batch: which samples carry a label for this task."""
+        raise NotImplementedError
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean loss over the valid samples (caller guarantees at least one)."""
+        raise NotImplementedError
+
+    def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(preds, target) as the metrics expect them, valid samples only."""
+        raise NotImplementedError
+
+    def predict(self, output: Tensor) -> Tensor:
+        """Human-facing prediction from the head's raw output."""
+        return output
+
+    # ----------------------------------------------------------------- shared
+    def build_head(self, in_features: int) -> nn.Module:
+        """The configured head, or a default MLP/linear head on ``in_features`` inputs."""
+        if self.head is not None:
+            return self.head
+        layers: list[nn.Module] = []
+        width = in_features
+        for hidden in self.head_hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, self.output_size))
+        return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+    def make_metrics(self) -> dict[str, torchmetrics.Metric]:
+        return {name: spec.factory() for name, spec in self.metric_specs().items()}
+
+    def higher_is_better(self) -> dict[str, bool]:
+        return {name: spec.higher_is_better for name, spec in self.metric_specs().items()}
+
+    def get_target(self, batch: Mapping[str, Tensor]) -> Tensor:
+        if self.label_key not in batch:
+            raise KeyError(
+                f"Task '{self.name}': the batch has no label key '{self.label_key}'. "
+                f"Keys present: {sorted(batch)}. Set the task's label_key or add the label to the data."
+            )
+        return batch[self.label_key]
+
+    def check_output(self, output: Tensor, target: Tensor) -> None:
+        """Raise a clear error when the head's output cannot fit this task's loss."""
+        if output.ndim != 2 or output.shape[-1] != self.output_size:
+            raise TaskConfigError(
+                f"Task '{self.name}': its head outputs shape {tuple(output.shape)}, but "
+                f"{type(self).__name__} expects (batch, {self.output_size}). Fix the head's output size."
+            )
+        if target.shape[0] != output.shape[0]:
+            raise TaskConfigError(
+                f"Task '{self.name}': {output.shape[0]} outputs but {target.shape[0]} labels in the batch."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, label_key={self.label_key!r})"
+
+
+class ClassificationTask(Task):
+    """Single-label classification with cross-entropy. Missing labels carry ``ignore_index``.
+
+    Metrics: ``accuracy`` (micro) and ``f1`` (macro), both higher-is-better.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        label_key: Optional[str] = None,
+        head: Optional[nn.Module] = None,
+        head_hidden: tuple[int, ...] = (),
+        baselines: Optional[dict[str, float]] = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        if num_classes < 2:
+            raise TaskConfigError(f"Task '{name}': num_classes must be >= 2, got {num_classes}.")
+        self.num_classes = num_classes
+        self.output_size = num_classes
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        super().__init__(name, label_key, head, head_hidden, baselines)
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        n = self.num_classes
+        return {
+            "accuracy": MetricSpec(lambda: torchmetrics.Accuracy("multiclass", num_classes=n), True),
+            "f1": MetricSpec(lambda: torchmetrics.F1Score("multiclass", num_classes=n, average="macro"), True),
+        }
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        return target != self.ignore_index
+
+    def check_output(self, output: Tensor, target: Tensor) -> None:
+        super().check_output(output, target)
+        if target.ndim != 1 or target.is_floating_point():
+            raise TaskConfigError(
+                f"Task '{self.name}': classification labels must be a 1-D integer tensor of class "
+                f"indices, got dtype {target.dtype} and shape {tuple(target.shape)}."
+            )
+        valid = target[target != self.ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
+            raise TaskConfigError(
+                f"Task '{self.name}': label {int(valid.max()) if int(valid.max()) >= self.num_classes else int(valid.min())} "
+                f"is outside [0, {self.num_classes}); use ignore_index={self.ignore_index} for missing labels."
+            )
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        mask = self.valid_mask(target)
+        return nn.functional.cross_entropy(
+            output[mask].float(), target[mask], label_smoothing=self.label_smoothing
+        )
+
+    def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self.valid_mask(target)
+        return output[mask].float(), target[mask]
+
+    def predict(self, output: Tensor) -> Tensor:
+        return output.softmax(-1)
+
+
+class MultiLabelTask(Task):
+    """Multi-label classification with per-label binary cross-entropy on logits.
+
+    Labels are a (batch, num_labels) tensor of 0/1; a label is missing where it is negative or NaN,
+    and only the present entries enter the loss and the metrics.
+    Metrics: ``accuracy`` and ``f1`` (macro over labels), higher-is-better.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_labels: int,
+        label_key: Optional[str] = None,
+        head: Optional[nn.Module] = None,
+        head_hidden: tuple[int, ...] = (),
+        baselines: Optional[dict[str, float]] = None,
+    ) -> None:
+        self.num_labels = num_labels
+        self.output_size = num_labels
+        super().__init__(name, label_key, head, head_hidden, baselines)
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        n = self.num_labels
+        return {
+            "accuracy": MetricSpec(
+                lambda: torchmetrics.Accuracy("multilabel", num_labels=n, ignore_index=-1), True
+            ),
+            "f1": MetricSpec(
+                lambda: torchmetrics.F1Score("multilabel", num_labels=n, average="macro", ignore_index=-1),
+                True,
+            ),
+        }
+
+    def _entry_mask(self, target: Tensor) -> Tensor:
+        target = target.float()
+        return ~torch.isnan(target) & (target >= 0)
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        return self._entry_mask(target).any(dim=-1)
+
+    def check_output(self, output: Tensor, target: Tensor) -> None:
+        super().check_output(output, target)
+        if target.shape != output.shape:
+            raise TaskConfigError(
+                f"Task '{self.name}': multi-label targets must have shape (batch, {self.num_labels}), "
+                f"got {tuple(target.shape)}."
+            )
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        entries = self._entry_mask(target)
+        return nn.functional.binary_cross_entropy_with_logits(
+            output.float()[entries], target.float()[entries]
+        )
+
+    def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        # Missing entries become -1, the metrics' ignore_index.
+        rows = self.valid_mask(target)
+        target = target[rows].float()
+        target = torch.where(self._entry_mask(target), target, torch.full_like(target, -1)).long()
+        return output[rows].float().sigmoid(), target
+
+    def predict(self, output: Tensor) -> Tensor:
+        return output.sigmoid()
+
+
+class RegressionTask(Task):
+    """Regression with mean squared error (or L1). Missing labels are NaN.
+
+    Metrics: ``mse`` and ``mae``, lower-is-better.
+
+    Args:
+        num_outputs: Number of regression targets (labels of shape (batch,) or (batch, n)).
+        loss_fn: ``"mse"`` or ``"l1"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        num_outputs: int = 1,
+        label_key: Optional[str] = None,
+        head: Optional[nn.Module] = None,
+        head_hidden: tuple[int, ...] = (),
+        baselines: Optional[dict[str, float]] = None,
+        loss_fn: str = "mse",
+    ) -> None:
+        if loss_fn not in ("mse", "l1"):
+            raise TaskConfigError(f"Task '{name}': loss_fn must be 'mse' or 'l1', got {loss_fn!r}.")
+        self.num_outputs = num_outputs
+        self.output_size = num_outputs
+        self.loss_fn = loss_fn
+        super().__init__(name, label_key, head, head_hidden, baselines)
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        return {
+            "mse": MetricSpec(torchmetrics.MeanSquaredError, False),
+            "mae": MetricSpec(torchmetrics.MeanAbsoluteError, False),
+        }
+
+    def _as_2d(self, target: Tensor) -> Tensor:
+        return target.float().reshape(target.shape[0], -1)
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        return ~torch.isnan(self._as_2d(target)).any(dim=-1)
+
+    def check_output(self, output: Tensor, target: Tensor) -> None:
+        super().check_output(output, target)
+        if self._as_2d(target).shape[-1] != self.num_outputs:
+            raise TaskConfigError(
+                f"Task '{self.name}': regression labels have {self._as_2d(target).shape[-1]} values per "
+                f"sample but the task has num_outputs={self.num_outputs}."
+            )
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        mask = self.valid_mask(target)
+        pred, tgt = output.float()[mask], self._as_2d(target)[mask]
+        if self.loss_fn == "mse":
+            return nn.functional.mse_loss(pred, tgt)
+        return nn.functional.l1_loss(pred, tgt)
+
+    def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        mask = self.valid_mask(target)
+        return output.float()[mask].flatten(), self._as_2d(target)[mask].flatten()
