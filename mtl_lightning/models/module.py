@@ -111,6 +111,11 @@ class MultiTaskModule(pl.LightningModule):
         self.input_key = input_key
         self.balancer: BalancingMethod = EqualWeighting()
         self._checked_stages: set[str] = set()
+        #: Per-task factor on the training loss (set by interventions such as negative-transfer
+        #: down-weighting; 1.0 when absent). Persisted in checkpoints.
+        self.task_loss_multipliers: dict[str, float] = {}
+        #: Tasks whose head trains on detached shared features (no gradient into the encoder).
+        self.detached_tasks: set[str] = set()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -145,8 +150,25 @@ class MultiTaskModule(pl.LightningModule):
             missing = [n for n in self.tasks if n not in features]
             if missing:
                 raise TaskConfigError(f"The encoder returned features for {sorted(features)} but not for task(s) {missing}.")
-            return {name: head(features[name]) for name, head in self.heads.items()}
-        return {name: head(features) for name, head in self.heads.items()}
+            per_task = {name: features[name] for name in self.heads}
+        else:
+            per_task = {name: features for name in self.heads}
+        return {
+            name: head(per_task[name].detach() if name in self.detached_tasks else per_task[name])
+            for name, head in self.heads.items()
+        }
+
+    def set_task_loss_multiplier(self, task: str, value: float) -> None:
+        """Scale ``task``'s training loss by ``value`` from now on (1.0 restores it)."""
+        if task not in self.tasks:
+            raise KeyError(f"Unknown task '{task}'; tasks: {self.task_names}.")
+        self.task_loss_multipliers[task] = float(value)
+
+    def detach_task(self, task: str, detached: bool = True) -> None:
+        """Stop (or restore) the flow of ``task``'s gradient into the shared encoder; its head keeps training."""
+        if task not in self.tasks:
+            raise KeyError(f"Unknown task '{task}'; tasks: {self.task_names}.")
+        (self.detached_tasks.add if detached else self.detached_tasks.discard)(task)
 
     def _input(self, batch: Mapping[str, Any]) -> Tensor:
         if not isinstance(batch, Mapping):
@@ -174,6 +196,10 @@ class MultiTaskModule(pl.LightningModule):
             for (name, task), count in zip(self.tasks.items(), counts)
             if count > 0
         }
+        if stage == "train":
+            for name, factor in self.task_loss_multipliers.items():
+                if name in losses and factor != 1.0:
+                    losses[name] = losses[name] * factor
         if losses and not bool(torch.isfinite(torch.stack([l.detach() for l in losses.values()])).all()):
             bad = [n for n, l in losses.items() if not math.isfinite(float(l))]
             raise FloatingPointError(
@@ -236,7 +262,16 @@ class MultiTaskModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval, "monitor": self.lr_scheduler_monitor},
         }
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mtl_interventions"] = {
+            "task_loss_multipliers": dict(self.task_loss_multipliers),
+            "detached_tasks": sorted(self.detached_tasks),
+        }
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        interventions = checkpoint.get("mtl_interventions", {})
+        self.task_loss_multipliers = dict(interventions.get("task_loss_multipliers", {}))
+        self.detached_tasks = set(interventions.get("detached_tasks", []))
         # A checkpoint trained with learnable balancing weights loads into a module without that
         # balancing method (e.g. for inference or fine-tuning): drop the weights it has no slot for.
         state = checkpoint.get("state_dict", {})
