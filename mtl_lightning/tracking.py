@@ -67,3 +67,56 @@ class RunConfigCallback(SaveConfigCallback):
                 run_dir = logger.experiment.dir
                 with open(os.path.join(run_dir, "mtl_config.yaml"), "w") as f:
                     f.write(text)
+
+
+def read_offline_run(run_file: str) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Read a W&B offline run file (``run-*.wandb``) without uploading it.
+
+    Returns (history: ``{key: [values…]}`` in logging order, config: ``{key: value}``). Useful to
+    inspect offline runs on a cluster node and in tests. The file is a LevelDB-style log of
+    protobuf ``Record`` messages in 32 KiB blocks after a 7-byte header.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    with open(run_file, "rb") as f:
+        data = f.read()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file} is not a W&B run file.")
+    block, header, pos = 32768, 7, 7
+    history: dict[str, list[float]] = {}
+    config: dict[str, Any] = {}
+    pending = b""
+    while pos + header <= len(data):
+        left_in_block = block - pos % block
+        if left_in_block < header:  # block trailer padding
+            pos += left_in_block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk = data[pos + header : pos + header + length]
+        pos += header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind not in (1, 4):
+            continue
+        record = pb.Record()
+        record.ParseFromString(pending)
+        kind_name = record.WhichOneof("record_type")
+        if kind_name == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                try:
+                    history.setdefault(key, []).append(json.loads(item.value_json))
+                except ValueError:
+                    pass
+        elif kind_name == "config":
+            for item in record.config.update:
+                key = item.key or "/".join(item.nested_key)
+                try:
+                    config[key] = json.loads(item.value_json)
+                except ValueError:
+                    config[key] = item.value_json
+    return history, config
