@@ -2,5 +2,6 @@
 
 from mtl_lightning.models.encoders import MLP, SmallCNN
 from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.models.sharing import CrossStitch, SoftSharing
 
-__all__ = ["MultiTaskModule", "MLP", "SmallCNN"]
+__all__ = ["MultiTaskModule", "MLP", "SmallCNN", "SoftSharing", "CrossStitch"]

@@ -18,6 +18,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
@@ -45,6 +46,10 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         accumulate_grad_batches: Micro-batches per optimizer step.
         input_key: Key of the model input in the batch dict.
+        init_from: Checkpoint of an earlier (joint) run to start from: its encoder and the heads of
+            the tasks configured here are loaded when fitting starts (task-specific fine-tuning:
+            configure only the task to fine-tune). A resumed run's own checkpoint takes precedence.
+        freeze_encoder: Keep the shared encoder fixed (and in eval mode); only heads train.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_algorithm: str = "norm",
         accumulate_grad_batches: int = 1,
         input_key: str = "input",
+        init_from: Optional[str] = None,
+        freeze_encoder: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder"], logger=False)
@@ -109,6 +116,10 @@ class MultiTaskModule(pl.LightningModule):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.accumulate_grad_batches = accumulate_grad_batches
         self.input_key = input_key
+        self.init_from = init_from
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
         self.balancer: BalancingMethod = EqualWeighting()
         self._checked_stages: set[str] = set()
         #: Per-task factor on the training loss (set by interventions such as negative-transfer
@@ -215,7 +226,28 @@ class MultiTaskModule(pl.LightningModule):
         return fn() if callable(fn) else None
 
     # ------------------------------------------------------------------ lifecycle
+    def load_pretrained(self, path: str) -> None:
+        """Load the encoder and this model's task heads from a checkpoint of another run."""
+        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        wanted = {k: v for k, v in state.items() if k.startswith("encoder.")}
+        missing_heads = []
+        for name in self.tasks:
+            head = {k: v for k, v in state.items() if k.startswith(f"heads.{name}.")}
+            wanted.update(head) if head else missing_heads.append(name)
+        result = self.load_state_dict(wanted, strict=False)
+        missing_encoder = [k for k in result.missing_keys if k.startswith("encoder.")]
+        if missing_encoder or not wanted:
+            raise KeyError(
+                f"init_from={path!r}: the checkpoint's encoder does not match this model "
+                f"(missing {missing_encoder[:5] or 'all encoder weights'})."
+            )
+        if missing_heads:
+            rank_zero_info(f"init_from: no head in the checkpoint for task(s) {missing_heads}; they start fresh.")
+
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from and not getattr(self, "_pretrained_loaded", False):
+            self.load_pretrained(self.init_from)
+            self._pretrained_loaded = True
         datamodule = getattr(self.trainer, "datamodule", None)
         available = getattr(datamodule, "label_keys", None)
         if available is not None:
@@ -357,6 +389,10 @@ class MultiTaskModule(pl.LightningModule):
         if self.gradient_clip_val:
             self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_encoder:
+            self.encoder.eval()  # frozen: no dropout, no batch-norm statistics updates
+
     def on_train_epoch_end(self) -> None:
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.lr_scheduler_interval == "epoch":
@@ -407,12 +443,14 @@ class MultiTaskModule(pl.LightningModule):
         total = 0.0
         for name in self.tasks:
             loss = self.eval_losses[stage][name].compute()
-            self.eval_losses[stage][name].reset()
-            if not torch.isfinite(loss):  # no labelled sample on any rank
+            values = {k: float(v) for k, v in self.eval_metrics[stage][name].compute().items()} if torch.isfinite(loss) else None
+            # Reset outside inference mode: states created inside it could not be updated by a later
+            # validation that runs under no_grad (validate() followed by fit()).
+            with torch.inference_mode(False):
+                self.eval_losses[stage][name].reset()
                 self.eval_metrics[stage][name].reset()
+            if values is None:  # no labelled sample on any rank
                 continue
-            values = {k: float(v) for k, v in self.eval_metrics[stage][name].compute().items()}
-            self.eval_metrics[stage][name].reset()
             total += float(loss)
             results[name] = values
             self.log(f"{stage}/{name}/loss", float(loss))
