@@ -309,6 +309,21 @@ def test_planted_structure_grouping_recovers_the_two_groups():
 
 
 @pytest.mark.slow
+def test_planted_random_label_task_is_flagged_as_harmful():
+    """With room to memorise (wide encoder, 256 samples) the random-label task's steps raise every
+    other task's loss; it, and no group task, is flagged by ``harms_others``."""
+    pl.seed_everything(0)
+    dm = PlantedGroupsDataModule(num_train=256)
+    tasks = [RegressionTask(n, num_outputs=dm.outputs_per_task) for n in dm.task_names]
+    model = MultiTaskModule(MLP(dm.input_dim, (256, 6)), tasks, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    monitor = NegativeTransferMonitor(interval=2, window=10)
+    _trainer(max_epochs=20, callbacks=[monitor]).fit(model, dm)
+    harmful = [f for f in monitor.flagged if f["rule"] == "harms_others"]
+    assert [f["task"] for f in harmful] == ["random"], monitor.flagged
+    assert all(v < 0 for v in harmful[0]["evidence"]["affinity_given"].values())
+
+
+@pytest.mark.slow
 def test_multidigits_left_right_reports_no_victims():
     pl.seed_everything(0)
     dm = MultiDigitsDataModule(num_train=1024, num_val=256, num_test=64, batch_size=64)
@@ -325,6 +340,7 @@ class _RankRecorder(NegativeTransferMonitor):
 
     def on_train_end(self, trainer, pl_module):
         super().on_train_end(trainer, pl_module)
+        trainer.strategy.barrier()  # rank 0 has created the folder
         torch.save(self.mean_affinity, os.path.join(self.output_dir, f"rank{trainer.global_rank}.pt"))
 
 

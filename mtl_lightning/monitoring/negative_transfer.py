@@ -111,7 +111,7 @@ class NegativeTransferMonitor(Callback):
 
     def __init__(
         self,
-        interval: int = 25,
+        interval: int = 50,
         action: str = "warn",
         downweight_factor: float = 0.1,
         window: int = 10,
