@@ -1,0 +1,580 @@
+"""Negative-transfer monitoring: see when one task hurts another during training, and act.
+
+:class:`NegativeTransferMonitor` is a Lightning callback (not a balancing method: it runs beside
+any balancing callback). Every ``interval`` optimizer steps it re-evaluates the training batch
+with the model in eval mode and measures, from all DDP ranks:
+
+* gradient geometry of the task gradients on the shared parameters (cosine, gradient magnitude
+  similarity, norms, running conflict rate; per shared layer on request), from the shared
+  per-task gradient engine;
+* TAG's inter-task affinity (Fifty et al. 2021, arXiv 2109.04617): a lookahead step of the shared
+  parameters along each task's gradient through the real optimizer, heads unchanged, and the
+  relative change of every task's loss on the same batch, Z_{i→j} = 1 − L_j(θ'_i) / L_j(θ).
+
+At every validation it reads the per-task Δ against single-task baselines (logged by the module
+once baselines are known) and the per-task validation losses. Rules turn the signals into flagged
+tasks (see :class:`NegativeTransferMonitor`), and each flag triggers the configured action.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import deque
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
+from mtl_lightning.monitoring.grouping import MAX_TASKS_EXHAUSTIVE, select_networks
+from mtl_lightning.monitoring.report import save_heatmap, write_report
+from mtl_lightning.monitoring.signals import gradient_geometry, lookahead_updates
+
+ACTIONS = ("warn", "downweight", "detach", "stop")
+RULES = ("harms_others", "negative_delta", "diverging_loss")
+
+
+def load_baselines(path: str) -> dict[str, dict[str, float]]:
+    """Read a baselines file: YAML ``{task: {metric: single-task value}}`` (as written by
+    ``python -m mtl_lightning.monitoring.baselines``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"baselines_file '{path}' does not exist; write it with `python -m mtl_lightning.monitoring.baselines`.")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, Mapping) or not all(isinstance(v, Mapping) for v in data.values()):
+        raise ValueError(f"baselines_file '{path}' must map each task to {{metric: value}}, got {data!r}.")
+    return {str(t): {str(m): float(v) for m, v in metrics.items()} for t, metrics in data.items()}
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for the measurement: deterministic (no dropout, no RNG draw) and no BatchNorm
+    statistics update, so training is unaffected. Restores each submodule's own mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class NegativeTransferMonitor(Callback):
+    """Measure negative-transfer signals every ``interval`` steps, flag tasks, act, and report.
+
+    Rules (a task is flagged at most once per rule; the action is applied the first time a task
+    is flagged):
+
+    * ``harms_others`` — over the last ``window`` measurements, the task's lookahead raised the
+      loss of *every* other task (mean Z_{i→j} < 0 for all j ≠ i), persistently: the mean affinity
+      it gives is negative with a t-statistic (across measurements) below −``harm_significance``.
+      A task that helps its own group and hurts another is not flagged (that is a grouping
+      question, see the report). When several tasks qualify only the most significant is flagged
+      and the window restarts, so a mutual conflict of two tasks flags one of them.
+    * ``negative_delta`` — Δ_t < −``delta_tolerance`` (% against the single-task baseline) at
+      ``patience`` consecutive validations, checked from epoch ``delta_from_epoch`` on (None:
+      never during training; Δ at the last validation is always in the report).
+    * ``diverging_loss`` — the task's validation loss rose at each of the last ``patience``
+      validations while the other tasks' losses fell (mean log-change < 0) over the same span.
+
+    Actions (``action``): ``warn`` (log only), ``downweight`` (multiply the task's training loss by
+    ``downweight_factor``), ``detach`` (its head keeps training on detached shared features),
+    ``stop`` (end the run). Every flag is logged with step and evidence.
+
+    Args:
+        interval: Measure every this many optimizer steps.
+        action: What to do when a task is flagged (one of ``ACTIONS``).
+        downweight_factor: Loss multiplier applied by ``downweight`` (in (0, 1)).
+        window: Measurements the ``harms_others`` rule averages over (and needs before deciding).
+        harm_significance: t-statistic threshold of ``harms_others`` (3: about 1 false flag in 700
+            windows for a task whose true affinity is 0).
+        patience: Consecutive validations needed by ``negative_delta`` and ``diverging_loss``.
+        delta_tolerance: Margin (%) of ``negative_delta``.
+        delta_from_epoch: First epoch at which ``negative_delta`` may act (None: report only).
+        baselines: ``{task: {metric: value}}`` single-task baselines (fill the tasks' ``baselines``).
+        baselines_file: YAML file with the same content (see ``mtl_lightning.monitoring.baselines``).
+        per_layer: Also log the gradient cosine per shared layer (module owning the parameters).
+        max_networks: Budget on the number of networks of the recommended grouping (None: T).
+        output_dir: Where PNGs and the report go (default: ``<checkpoint dir or log dir>/negative_transfer``).
+        plot_every_n_epochs: Heatmaps at the end of every n-th training epoch (0: only at the end).
+        batched_jacobian: One vmapped backward for all tasks (falls back to a loop when unsupported).
+    """
+
+    def __init__(
+        self,
+        interval: int = 50,
+        action: str = "warn",
+        downweight_factor: float = 0.1,
+        window: int = 10,
+        harm_significance: float = 3.0,
+        patience: int = 3,
+        delta_tolerance: float = 0.0,
+        delta_from_epoch: Optional[int] = None,
+        baselines: Optional[dict[str, dict[str, float]]] = None,
+        baselines_file: Optional[str] = None,
+        per_layer: bool = False,
+        max_networks: Optional[int] = None,
+        output_dir: Optional[str] = None,
+        plot_every_n_epochs: int = 1,
+        batched_jacobian: bool = True,
+    ) -> None:
+        super().__init__()
+        if action not in ACTIONS:
+            raise ValueError(f"NegativeTransferMonitor: action must be one of {ACTIONS}, got {action!r}.")
+        for option, value, low in (("interval", interval, 1), ("window", window, 1), ("patience", patience, 1), ("plot_every_n_epochs", plot_every_n_epochs, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"NegativeTransferMonitor: {option} must be an integer >= {low}, got {value!r}.")
+        if not 0.0 < downweight_factor < 1.0:
+            raise ValueError(f"NegativeTransferMonitor: downweight_factor must lie in (0, 1), got {downweight_factor}.")
+        if harm_significance < 0 or delta_tolerance < 0:
+            raise ValueError("NegativeTransferMonitor: harm_significance and delta_tolerance must be >= 0.")
+        if max_networks is not None and max_networks < 1:
+            raise ValueError(f"NegativeTransferMonitor: max_networks must be >= 1, got {max_networks}.")
+        self.interval = interval
+        self.action = action
+        self.downweight_factor = downweight_factor
+        self.window = window
+        self.harm_significance = harm_significance
+        self.patience = patience
+        self.delta_tolerance = delta_tolerance
+        self.delta_from_epoch = delta_from_epoch
+        self.baselines = {t: dict(m) for t, m in (baselines or {}).items()}
+        self.baselines_file = baselines_file
+        self.per_layer = per_layer
+        self.max_networks = max_networks
+        self.output_dir = output_dir
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self.batched_jacobian = batched_jacobian
+        self.task_names: list[str] = []
+        self._resolved_dir: Optional[str] = None
+        self._last_measured_step = -1
+        self._reset_state(0)
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self, num_tasks: int) -> None:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        self.measurements = 0
+        self.cosine_sum, self.cosine_count = zeros(num_tasks, num_tasks), zeros(num_tasks, num_tasks)
+        self.gms_sum, self.conflict_count = zeros(num_tasks, num_tasks), zeros(num_tasks, num_tasks)
+        self.norm_sum, self.norm_count = zeros(num_tasks), zeros(num_tasks)
+        self.affinity_sum, self.affinity_count = zeros(num_tasks, num_tasks), zeros(num_tasks, num_tasks)
+        self.recent_affinity: deque[Tensor] = deque(maxlen=self.window)
+        self.val_losses: list[dict[str, float]] = []
+        self.val_deltas: list[dict[str, float]] = []
+        self.flagged: list[dict[str, Any]] = []
+        self.acted_on: list[str] = []
+        self.notes: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_names": self.task_names,
+            "measurements": self.measurements,
+            "tensors": {k: getattr(self, k).clone() for k in self._TENSORS},
+            "recent_affinity": [m.clone() for m in self.recent_affinity],
+            "val_losses": self.val_losses,
+            "val_deltas": self.val_deltas,
+            "flagged": self.flagged,
+            "acted_on": self.acted_on,
+            "notes": self.notes,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.task_names and state_dict["task_names"] != self.task_names:
+            raise ValueError(
+                f"NegativeTransferMonitor: the checkpoint was written for tasks {state_dict['task_names']}, "
+                f"the model has {self.task_names}."
+            )
+        self.task_names = list(state_dict["task_names"])
+        self.measurements = state_dict["measurements"]
+        for key, value in state_dict["tensors"].items():
+            setattr(self, key, value.clone())
+        self.recent_affinity = deque((m.clone() for m in state_dict["recent_affinity"]), maxlen=self.window)
+        for key in ("val_losses", "val_deltas", "flagged", "acted_on", "notes"):
+            setattr(self, key, list(state_dict[key]))
+
+    _TENSORS = ("cosine_sum", "cosine_count", "gms_sum", "conflict_count", "norm_sum", "norm_count", "affinity_sum", "affinity_count")
+
+    # ------------------------------------------------------------------ averages
+    @staticmethod
+    def _ratio(total: Tensor, count: Tensor) -> Tensor:
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+    @property
+    def mean_affinity(self) -> Tensor:
+        """Z̄_{i→j} averaged over all measurements so far (rows: source i, columns: target j)."""
+        return self._ratio(self.affinity_sum, self.affinity_count)
+
+    @property
+    def mean_cosine(self) -> Tensor:
+        return self._ratio(self.cosine_sum, self.cosine_count)
+
+    @property
+    def conflict_rate(self) -> Tensor:
+        return self._ratio(self.conflict_count, self.cosine_count)
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from mtl_lightning.models.module import MultiTaskModule
+
+        if not isinstance(pl_module, MultiTaskModule):
+            raise TypeError(f"NegativeTransferMonitor needs a MultiTaskModule, got {type(pl_module).__name__}.")
+        names = pl_module.task_names
+        if len(names) < 2:
+            raise ValueError(f"NegativeTransferMonitor needs at least two tasks to compare, the model has {names}.")
+        if len(names) > MAX_TASKS_EXHAUSTIVE:
+            self.notes.append(f"{len(names)} tasks: the recommended grouping is skipped (exhaustive up to {MAX_TASKS_EXHAUSTIVE}).")
+        if not pl_module.shared_parameters():
+            raise ValueError("NegativeTransferMonitor: the encoder has no trainable shared parameter; nothing can transfer.")
+        if self.task_names != names:
+            self.task_names = list(names)
+            self._reset_state(len(names))
+        self._install_baselines(pl_module)
+
+    def _install_baselines(self, module: Any) -> None:
+        """Merge ``baselines`` and ``baselines_file`` into the tasks' own baselines (which make the
+        module log ``val/<task>/delta``); contradictory values are an error."""
+        given = {t: dict(m) for t, m in self.baselines.items()}
+        if self.baselines_file:
+            for task, metrics in load_baselines(self.baselines_file).items():
+                given.setdefault(task, {}).update(metrics)
+        unknown = sorted(set(given) - set(module.tasks))
+        if unknown:
+            raise ValueError(f"NegativeTransferMonitor: baselines name unknown task(s) {unknown}; the model's tasks are {module.task_names}.")
+        for task_name, metrics in given.items():
+            task = module.tasks[task_name]
+            known = task.higher_is_better()
+            bad = sorted(set(metrics) - set(known))
+            if bad:
+                raise ValueError(f"NegativeTransferMonitor: baselines for task '{task_name}' name unknown metric(s) {bad}; its metrics are {sorted(known)}.")
+            for metric, value in metrics.items():
+                if metric in task.baselines and not math.isclose(task.baselines[metric], value):
+                    raise ValueError(
+                        f"NegativeTransferMonitor: task '{task_name}' metric '{metric}' has baseline {task.baselines[metric]} "
+                        f"in its task config but {value} in the monitor's baselines; keep one."
+                    )
+                if value == 0:
+                    raise ValueError(f"NegativeTransferMonitor: baseline 0 for task '{task_name}' metric '{metric}' makes Δ undefined.")
+                task.baselines[metric] = value
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.output_dir is not None:
+            self._resolved_dir = self.output_dir
+            return
+        log_dir = trainer.log_dir  # broadcasts: must run on every rank
+        checkpoint = trainer.checkpoint_callback
+        base = getattr(checkpoint, "dirpath", None) or log_dir or trainer.default_root_dir
+        self._resolved_dir = os.path.join(base, "negative_transfer")
+
+    # ------------------------------------------------------------------ measurement
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_measured_step or step == 0 or step % self.interval != 0:
+            return
+        self._last_measured_step = step
+        signals = self.measure(trainer, pl_module, batch)
+        self._record(signals)
+        pl_module.log_dict(self._scalars(signals), on_step=True, on_epoch=False)
+        self._apply_harm_rule(trainer, pl_module)
+
+    def _task_losses(self, module: Any, batch: Mapping[str, Any], features: Any) -> tuple[list[Tensor], Tensor]:
+        """Each task's raw loss (no multiplier, no detach: the task as it would act) and presence."""
+        losses, present = [], []
+        for name, task in module.tasks.items():
+            target = task.get_target(batch)
+            has_labels = bool(task.valid_mask(target).any())
+            present.append(has_labels)
+            feats = features[name] if isinstance(features, Mapping) else features
+            losses.append(task.loss(module.heads[name](feats), target).float() if has_labels else None)
+        return losses, torch.tensor(present)
+
+    def _mean_over_ranks(self, trainer: pl.Trainer, values: Tensor, present: Tensor) -> Tensor:
+        """Mean of ``values`` (rows indexed by task) over the ranks where the task is present;
+        rows present nowhere come out NaN. Identical on every rank."""
+        weight = present.to(values).reshape(-1, *([1] * (values.ndim - 1)))
+        total, count = values * weight, present.to(values)
+        if trainer.world_size > 1:
+            packed = trainer.strategy.reduce(torch.cat([total.flatten(), count]), reduce_op="sum")
+            total, count = packed[: total.numel()].view_as(total), packed[total.numel():]
+        count = count.reshape(-1, *([1] * (values.ndim - 1)))
+        return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+
+    def measure(self, trainer: pl.Trainer, module: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """All per-step signals on ``batch``: base losses, Jacobian geometry, lookahead affinity."""
+        x = module._input(batch)
+        named = [(n, p) for n, p in module.encoder.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        num_tasks = len(self.task_names)
+        with _eval_mode(module), trainer.precision_plugin.forward_context():
+            with torch.enable_grad():
+                losses, present = self._task_losses(module, batch, module.encoder(x))
+                rows = [i for i in range(num_tasks) if present[i]]
+                per_param = task_jacobian([losses[i] for i in rows], params, batched=self.batched_jacobian, retain_graph=False)
+            local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            local[rows] = flatten_jacobian(per_param).float()
+            base_local = torch.stack([l.detach() if l is not None else torch.zeros((), device=local.device) for l in losses])
+            present = present.to(local.device)
+            jacobian = self._mean_over_ranks(trainer, local, present)
+            stepped = ~jacobian[:, 0].isnan()
+            grads = list(torch.nan_to_num(jacobian).split([p.numel() for p in params], dim=1))
+            grads = [g.reshape(num_tasks, *p.shape).to(p.dtype) for g, p in zip(grads, params)]
+            updates, note = lookahead_updates(trainer.optimizers[0], params, grads)
+            if note and note not in self.notes:
+                self.notes.append(note)
+                rank_zero_warn(f"NegativeTransferMonitor: {note}")
+            lookahead = torch.zeros(num_tasks, num_tasks, device=local.device)
+            with torch.no_grad():
+                for i in range(num_tasks):
+                    if not stepped[i]:
+                        continue
+                    moved = {n: p.detach() + u[i] for (n, p), u in zip(named, updates)}
+                    after, _ = self._task_losses(module, batch, functional_call(module.encoder, moved, (x,), strict=False))
+                    lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=local.device) for l in after])
+        both = self._mean_over_ranks(trainer, torch.cat([base_local[None], lookahead]).T, present).T
+        base, after = both[0], both[1:]
+        affinity = 1.0 - after / torch.where(base > 0, base, torch.full_like(base, float("nan")))[None, :]
+        affinity[~stepped] = float("nan")
+        signals = {"losses": base, "affinity": affinity, **gradient_geometry(torch.nan_to_num(jacobian))}
+        for key in ("cosine", "gms"):
+            signals[key][~stepped] = float("nan")
+            signals[key][:, ~stepped] = float("nan")
+        signals["norms"][~stepped] = float("nan")
+        if self.per_layer:
+            signals.update(self._per_layer_cosine(jacobian, named))
+        return {k: v.detach().double().cpu() for k, v in signals.items()}
+
+    def _per_layer_cosine(self, jacobian: Tensor, named: Sequence[tuple[str, Tensor]]) -> dict[str, Tensor]:
+        layers: dict[str, list[int]] = {}
+        start = 0
+        for name, p in named:
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            layers.setdefault(layer, []).extend(range(start, start + p.numel()))
+            start += p.numel()
+        return {
+            f"layer_cosine/{layer}": gradient_geometry(torch.nan_to_num(jacobian[:, cols]))["cosine"]
+            for layer, cols in layers.items()
+        }
+
+    def _record(self, s: dict[str, Tensor]) -> None:
+        self.measurements += 1
+        cos_ok = s["cosine"].isfinite()
+        self.cosine_sum += torch.nan_to_num(s["cosine"])
+        self.gms_sum += torch.nan_to_num(s["gms"])
+        self.cosine_count += cos_ok.double()
+        self.conflict_count += (cos_ok & (s["cosine"] < 0)).double()
+        norms_ok = s["norms"].isfinite()
+        self.norm_sum += torch.nan_to_num(s["norms"])
+        self.norm_count += norms_ok.double()
+        aff_ok = s["affinity"].isfinite()
+        self.affinity_sum += torch.nan_to_num(s["affinity"])
+        self.affinity_count += aff_ok.double()
+        self.recent_affinity.append(s["affinity"].clone())
+
+    def _scalars(self, s: dict[str, Tensor]) -> dict[str, float]:
+        names = self.task_names
+        out: dict[str, float] = {}
+        rate = self.conflict_rate
+        for i, a in enumerate(names):
+            out[f"nt/grad_norm/{a}"] = float(s["norms"][i])
+            out[f"nt/loss/{a}"] = float(s["losses"][i])
+            for j, b in enumerate(names):
+                if i == j:
+                    continue
+                out[f"nt/affinity/{a}->{b}"] = float(s["affinity"][i, j])
+                if i < j:
+                    out[f"nt/cosine/{a}~{b}"] = float(s["cosine"][i, j])
+                    out[f"nt/gms/{a}~{b}"] = float(s["gms"][i, j])
+                    out[f"nt/conflict_rate/{a}~{b}"] = float(rate[i, j])
+                    for key, matrix in s.items():
+                        if key.startswith("layer_cosine/"):
+                            out[f"nt/cosine/{key.split('/', 1)[1]}/{a}~{b}"] = float(matrix[i, j])
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    # ------------------------------------------------------------------ rules
+    def harm_statistics(self) -> Optional[dict[str, Tensor]]:
+        """Over the recent window: mean Z_{i→j} (T, T), and per source task the mean affinity it
+        gives the others and that mean's t-statistic across measurements. None until the window is full."""
+        if len(self.recent_affinity) < self.window:
+            return None
+        stack = torch.stack(list(self.recent_affinity))  # (W, T, T)
+        off = ~torch.eye(len(self.task_names), dtype=torch.bool)
+        given = torch.stack([torch.nanmean(m[off].view(len(self.task_names), -1), dim=1) for m in stack])  # (W, T)
+        count = given.isfinite().sum(0).double()
+        mean_given = torch.nanmean(given, dim=0)
+        var = torch.nansum((given - mean_given) ** 2, dim=0) / (count - 1).clamp_min(1)
+        t_stat = mean_given / (var.sqrt() / count.sqrt()).clamp_min(1e-30)
+        return {"mean": torch.nanmean(stack, dim=0), "mean_given": mean_given, "t_stat": t_stat}
+
+    def _apply_harm_rule(self, trainer: pl.Trainer, module: Any) -> None:
+        stats = self.harm_statistics()
+        if stats is None:
+            return
+        candidates = []
+        for i, name in enumerate(self.task_names):
+            given = torch.cat([stats["mean"][i, :i], stats["mean"][i, i + 1 :]])
+            if self._already_flagged(name, "harms_others") or not bool(given.isfinite().all()):
+                continue
+            if bool((given < 0).all()) and float(stats["t_stat"][i]) < -self.harm_significance:
+                candidates.append((float(stats["t_stat"][i]), i))
+        if not candidates:
+            return
+        t_stat, i = min(candidates)
+        evidence = {
+            "mean_affinity_given": float(stats["mean_given"][i]),
+            "t_statistic": t_stat,
+            "affinity_given": {b: float(stats["mean"][i, j]) for j, b in enumerate(self.task_names) if j != i},
+            "mean_cosine": {b: float(self.mean_cosine[i, j]) for j, b in enumerate(self.task_names) if j != i},
+            "conflict_rate": {b: float(self.conflict_rate[i, j]) for j, b in enumerate(self.task_names) if j != i},
+            "window": len(self.recent_affinity),
+        }
+        self.recent_affinity.clear()
+        self._flag(trainer, module, self.task_names[i], "harms_others", evidence)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        metrics = trainer.callback_metrics
+        losses = {t: float(metrics[f"val/{t}/loss"]) for t in self.task_names if f"val/{t}/loss" in metrics}
+        deltas = {t: float(metrics[f"val/{t}/delta"]) for t in self.task_names if f"val/{t}/delta" in metrics}
+        self.val_losses.append(losses)
+        if deltas:
+            self.val_deltas.append(deltas)
+        self._apply_divergence_rule(trainer, pl_module)
+        if self.delta_from_epoch is not None and trainer.current_epoch >= self.delta_from_epoch:
+            self._apply_delta_rule(trainer, pl_module)
+
+    def _apply_divergence_rule(self, trainer: pl.Trainer, module: Any) -> None:
+        if len(self.val_losses) <= self.patience:
+            return
+        span = self.val_losses[-(self.patience + 1):]
+        common = [t for t in self.task_names if all(t in h and h[t] > 0 for h in span)]
+        for task in common:
+            series = [h[task] for h in span]
+            others = [o for o in common if o != task]
+            if not others or self._already_flagged(task, "diverging_loss"):
+                continue
+            rising = all(b > a for a, b in zip(series, series[1:]))
+            others_change = sum(math.log(span[-1][o] / span[0][o]) for o in others) / len(others)
+            if rising and others_change < 0:
+                self._flag(trainer, module, task, "diverging_loss", {
+                    "val_losses": series,
+                    "others_mean_log_change": others_change,
+                    "validations": len(span),
+                })
+
+    def _apply_delta_rule(self, trainer: pl.Trainer, module: Any) -> None:
+        if len(self.val_deltas) < self.patience:
+            return
+        span = self.val_deltas[-self.patience:]
+        for task in self.task_names:
+            series = [h.get(task) for h in span]
+            if any(v is None for v in series) or self._already_flagged(task, "negative_delta"):
+                continue
+            if all(v < -self.delta_tolerance for v in series):
+                self._flag(trainer, module, task, "negative_delta", {"delta_percent": series, "tolerance": self.delta_tolerance})
+
+    def _already_flagged(self, task: str, rule: str) -> bool:
+        return any(f["task"] == task and f["rule"] == rule for f in self.flagged)
+
+    # ------------------------------------------------------------------ actions
+    def _flag(self, trainer: pl.Trainer, module: Any, task: str, rule: str, evidence: dict[str, Any]) -> None:
+        if task in self.acted_on:
+            action = "none (already acted on)"
+        else:
+            action = self.action
+            self.acted_on.append(task)
+            if action == "downweight":
+                current = module.task_loss_multipliers.get(task, 1.0)
+                module.set_task_loss_multiplier(task, current * self.downweight_factor)
+            elif action == "detach":
+                module.detach_task(task)
+            elif action == "stop":
+                trainer.should_stop = True
+        entry = {"step": trainer.global_step, "epoch": trainer.current_epoch, "task": task, "rule": rule, "action": action, "evidence": evidence}
+        self.flagged.append(entry)
+        rank_zero_warn(
+            f"NegativeTransferMonitor: task '{task}' flagged by rule '{rule}' at step {entry['step']} "
+            f"(epoch {entry['epoch']}); action: {action}; evidence: {evidence}"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({f"nt/flag/{task}/{rule}": 1.0}, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ reporting
+    def _heatmaps(self, trainer: pl.Trainer, tag: str) -> list[str]:
+        if not trainer.is_global_zero or self.measurements == 0 or self._resolved_dir is None:
+            return []
+        folder = os.path.join(self._resolved_dir, "heatmaps")
+        paths = [
+            save_heatmap(self.mean_cosine, self.task_names, f"Gradient cosine ({tag})",
+                         os.path.join(folder, f"cosine_{tag}.png"), "task j", "task i"),
+            save_heatmap(self.mean_affinity, self.task_names, f"Affinity Z(i→j) ({tag})",
+                         os.path.join(folder, f"affinity_{tag}.png"), "target j (receives)", "source i (steps)"),
+        ]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="nt/heatmap/cosine", images=[paths[0]], step=trainer.global_step)
+                logger.log_image(key="nt/heatmap/affinity", images=[paths[1]], step=trainer.global_step)
+        return paths
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plot_every_n_epochs and (trainer.current_epoch + 1) % self.plot_every_n_epochs == 0:
+            self._heatmaps(trainer, f"epoch{trainer.current_epoch}")
+
+    def build_report(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """The end-of-training report as a JSON-ready dict."""
+        names = self.task_names
+        report: dict[str, Any] = {
+            "tasks": names,
+            "interval": self.interval,
+            "measurements": self.measurements,
+            "global_step": trainer.global_step,
+            "action": self.action,
+            "affinity": self.mean_affinity.tolist(),
+            "cosine": self.mean_cosine.tolist(),
+            "gms": self._ratio(self.gms_sum, self.cosine_count).tolist(),
+            "conflict_rate": self.conflict_rate.tolist(),
+            "grad_norm": dict(zip(names, self._ratio(self.norm_sum, self.norm_count).tolist())),
+            "flagged": list(self.flagged),
+            "final_delta": dict(self.val_deltas[-1]) if self.val_deltas else {},
+            "final_delta_victims": [t for t, v in (self.val_deltas[-1] if self.val_deltas else {}).items() if v < -self.delta_tolerance],
+            "grouping": None,
+            "notes": list(self.notes),
+        }
+        if self.measurements == 0:
+            report["grouping_note"] = "No measurement was taken (training shorter than `interval` steps)."
+        elif len(names) > MAX_TASKS_EXHAUSTIVE:
+            report["grouping_note"] = f"Skipped: more than {MAX_TASKS_EXHAUSTIVE} tasks."
+        else:
+            grouping = select_networks(self.mean_affinity, names, self.max_networks)
+            report["grouping"] = {"groups": grouping.groups, "score": grouping.score, "received": grouping.received}
+        return report
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report = self.build_report(trainer)
+        self.report = report
+        if not trainer.is_global_zero or self._resolved_dir is None:
+            return
+        heatmaps = self._heatmaps(trainer, "final")
+        json_path, md_path = write_report(report, self._resolved_dir)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+                run.summary["nt/flagged_tasks"] = sorted({f["task"] for f in self.flagged})
+                if report["grouping"] is not None:
+                    run.summary["nt/recommended_networks"] = [" + ".join(g) for g in report["grouping"]["groups"]]
+                logger.log_table(
+                    key="nt/affinity_matrix",
+                    columns=["source \\ target", *self.task_names],
+                    data=[[a, *row] for a, row in zip(self.task_names, report["affinity"])],
+                )
+                for path in (json_path, md_path, *heatmaps):
+                    with open(path, "rb") as src, open(os.path.join(run.dir, os.path.basename(path)), "wb") as dst:
+                        dst.write(src.read())
