@@ -1,7 +1,37 @@
 """Data modules: where batches come from and how tasks are mixed into steps."""
 
 from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.data.domain_digits import DomainDigitsDataModule
+from mtl_lightning.data.mixing import MultiDatasetDataModule, TaskMixingSampler
 from mtl_lightning.data.multidigits import MultiDigitsDataModule
+from mtl_lightning.data.policies import (
+    AllTasks,
+    Annealed,
+    Explicit,
+    MixingPolicy,
+    Proportional,
+    RoundRobin,
+    Scheduled,
+    Temperature,
+    Uniform,
+)
 from mtl_lightning.data.synthetic import CorrelatedRegressionDataModule
 
-__all__ = ["MultiTaskDataModule", "TensorDictDataset", "MultiDigitsDataModule", "CorrelatedRegressionDataModule"]
+__all__ = [
+    "MultiTaskDataModule",
+    "TensorDictDataset",
+    "MultiDigitsDataModule",
+    "CorrelatedRegressionDataModule",
+    "MultiDatasetDataModule",
+    "TaskMixingSampler",
+    "DomainDigitsDataModule",
+    "MixingPolicy",
+    "AllTasks",
+    "Uniform",
+    "Proportional",
+    "Temperature",
+    "Annealed",
+    "RoundRobin",
+    "Explicit",
+    "Scheduled",
+]
