@@ -222,6 +222,7 @@ def test_validation_metrics_are_computed_on_each_task_own_data():
         assert results[f"val/{task}/accuracy"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow
 def test_domain_digits_has_unequal_domains_and_a_model_learns_it():
     dm = DomainDigitsDataModule(policy=Temperature(2.0), batch_size=32, seed=0)
     dm.setup()
@@ -258,6 +259,7 @@ def test_every_policy_config_instantiates(monkeypatch):
     assert seen == {"AllTasks", "Uniform", "Proportional", "Temperature", "Annealed", "RoundRobin", "Explicit", "Scheduled"}
 
 
+@pytest.mark.slow
 def test_cli_fit_with_a_policy_shorthand():
     path = os.path.join(REPO, "experiments", "domain_digits", "annealed.yaml")
     cli = MTLCLI(args=[

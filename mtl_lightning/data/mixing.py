@@ -18,21 +18,24 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from mtl_lightning.data.datamodule import MultiTaskDataModule
+from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
 from mtl_lightning.data.policies import AllTasks, MixingPolicy, resolve_policy
 
 #: One training step for one rank: ``(task_name, sample indices)`` for every task trained at it.
 StepPlan = tuple[tuple[str, Tensor], ...]
 
 
-def fetch_batch(dataset: Dataset, indices: Sequence[int]) -> Any:
+def fetch_batch(dataset: Dataset, indices: Union[Tensor, Sequence[int]]) -> Any:
     """The collated batch of ``dataset`` at ``indices`` (whole-batch ``__getitems__`` when available)."""
+    if isinstance(dataset, TensorDictDataset):  # in-memory fast path: index with the tensor itself
+        return dataset.__getitems__(indices)  # type: ignore[arg-type]
+    if isinstance(indices, Tensor):
+        indices = indices.tolist()
     getitems = getattr(dataset, "__getitems__", None)
     items = getitems(list(indices)) if callable(getitems) else [dataset[i] for i in indices]
     return torch.utils.data.default_collate(items) if isinstance(items, list) else items
@@ -43,9 +46,15 @@ def _keep(batch: Any) -> Any:
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of one epoch's draws, derived from (seed, epoch) alone: the same on every rank."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    """The generator of one epoch's draws, derived from (seed, epoch) alone: the same on every rank.
+
+    The two numbers are mixed with SplitMix64 so that nearby (seed, epoch) pairs give unrelated streams.
+    """
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return torch.Generator().manual_seed((z ^ (z >> 31)) >> 1)
 
 
 class TaskMixingSampler(Sampler):
@@ -124,34 +133,33 @@ class TaskMixingSampler(Sampler):
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
-    def task_presence(self, epoch: int, generator: torch.Generator) -> Tensor:
-        """(steps, T) boolean: which tasks each step of ``epoch`` trains."""
+    def task_steps(self, epoch: int, generator: torch.Generator) -> list[list[int]]:
+        """For each task (in order), the steps of ``epoch`` that train it."""
         steps, num_tasks = self.steps_per_epoch, len(self.task_names)
         if isinstance(self.policy, AllTasks):
-            presence = torch.ones(steps, num_tasks, dtype=torch.bool)
             if self.policy.mode == "max_size":
-                for t, name in enumerate(self.task_names):
-                    presence[self.passes(name):, t] = False
-            return presence
-        sequence = self.policy.task_sequence(epoch * steps, steps, epoch, generator)
-        return torch.nn.functional.one_hot(sequence, num_tasks).bool()
+                return [list(range(min(self.passes(t), steps))) for t in self.task_names]
+            return [list(range(steps)) for _ in range(num_tasks)]
+        sequence = self.policy.task_sequence(epoch * steps, steps, epoch, generator).tolist()
+        out: list[list[int]] = [[] for _ in range(num_tasks)]
+        for step, task in enumerate(sequence):
+            out[task].append(step)
+        return out
 
     def epoch_plan(self, epoch: int) -> list[StepPlan]:
         """This rank's plan of every step of ``epoch``."""
         generator = epoch_generator(self.seed, epoch)
-        presence = self.task_presence(epoch, generator)
         lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         rows: list[list[tuple[str, Tensor]]] = [[] for _ in range(self.steps_per_epoch)]
-        for t, name in enumerate(self.task_names):
-            steps = presence[:, t].nonzero().flatten().tolist()
+        for name, steps in zip(self.task_names, self.task_steps(epoch, generator)):
             if not steps:
                 continue
             needed = len(steps) * self.block
             n = self.sizes[name]
             stream = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-needed // n))])
             blocks = stream[:needed].view(len(steps), self.block)[:, lo:hi]
-            for k, step in enumerate(steps):
-                rows[step].append((name, blocks[k]))
+            for step, block in zip(steps, blocks):
+                rows[step].append((name, block))
         return [tuple(row) for row in rows]
 
     def __iter__(self) -> Iterator[StepPlan]:
@@ -169,7 +177,7 @@ class MixedDataset(Dataset):
         return sum(len(d) for d in self.datasets.values())  # type: ignore[arg-type]
 
     def __getitem__(self, plan: StepPlan) -> dict[str, Any]:
-        return {task: fetch_batch(self.datasets[task], indices.tolist()) for task, indices in plan}
+        return {task: fetch_batch(self.datasets[task], indices) for task, indices in plan}
 
 
 class TaskView(Dataset):
@@ -289,16 +297,17 @@ class MultiDatasetDataModule(MultiTaskDataModule):
         max_epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
         sizes = {task: len(splits["train"]) for task, splits in self.datasets.items()}  # type: ignore[arg-type]
         self.policy.bind(sizes, max_epochs)
+        progress = self.state_dict()  # a reloaded loader continues where the previous one was
         sampler = TaskMixingSampler(
             self.policy,
             sizes,
             self.batch_size,
-            seed=self._progress["seed"],
+            seed=progress["seed"],
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             steps_per_epoch=self.steps_per_epoch,
         )
-        sampler.epoch, sampler.consumed = self._progress["epoch"], self._progress["position"]
+        sampler.epoch, sampler.consumed = progress["epoch"], progress["position"]
         return sampler
 
     def train_dataloader(self) -> DataLoader:
