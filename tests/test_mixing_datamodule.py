@@ -75,9 +75,11 @@ def test_routed_batch_sends_each_shape_and_label_type_to_its_head():
     for name, loss in expected.items():
         assert torch.allclose(losses[name], loss), name
     assert outputs["size"].shape == (3, 2) and outputs["digit"].shape == (5, 10)
-    # A one-task batch computes only that task.
+    # A one-task batch computes only that task; prediction routes the same way.
     _, outputs, losses = model.compute_losses({"size": batch["size"]})
     assert list(losses) == ["size"] and torch.allclose(losses["size"], expected["size"])
+    predictions = model.predict_step({"tags": batch["tags"]}, 0)
+    assert list(predictions) == ["tags"] and predictions["tags"].shape == (4, 3)
 
 
 def test_single_dataset_batches_keep_their_behaviour():
@@ -268,3 +270,19 @@ def test_cli_fit_with_a_policy_shorthand():
     ])
     assert cli.trainer.global_step == 6
     assert sum(float(cli.trainer.callback_metrics[f"train/{d}/step_share"]) for d in ("original", "transposed", "inverted")) == pytest.approx(1.0)
+
+
+def test_state_round_trip_and_reloaded_loader_keep_the_position():
+    data = synthetic_datasets({"a": 40, "b": 24})
+    dm = MultiDatasetDataModule(Uniform(), data, batch_size=4, seed=7)
+    full = [[(t, i.tolist()) for t, i in plan] for plan in dm.train_dataloader().sampler.epoch_plan(1)]
+    dm.sampler.set_epoch(1)
+    dm.sampler.consumed = 5  # as if the trainer had taken 5 steps of epoch 1
+    assert dm.state_dict() == {"seed": 7, "epoch": 1, "position": 5}
+    reloaded = dm.train_dataloader()  # e.g. reload_dataloaders_every_n_epochs
+    fresh = MultiDatasetDataModule(Uniform(), data, batch_size=4, seed=0)
+    fresh.load_state_dict(dm.state_dict())  # the checkpoint's seed wins over the config's
+    for loader in (reloaded, fresh.train_dataloader()):
+        assert len(loader) == 16
+        rest = [[(t, b["index"].tolist()) for t, b in batch.items()] for batch in loader]
+        assert rest == full[5:]
