@@ -48,7 +48,8 @@ def _keep(batch: Any) -> Any:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's draws, derived from (seed, epoch) alone: the same on every rank.
 
-    The two numbers are mixed with SplitMix64 so that nearby (seed, epoch) pairs give unrelated streams.
+    The two numbers are combined and scrambled with the SplitMix64 finaliser, so that nearby
+    (seed, epoch) pairs give unrelated streams.
     """
     mask = (1 << 64) - 1
     z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & mask
