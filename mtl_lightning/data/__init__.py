@@ -1,8 +1,21 @@
 """Data modules: where batches come from and how tasks are mixed into steps."""
 
 from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.data.domain_digits import DomainDigitsDataModule
+from mtl_lightning.data.mixing import MultiDatasetDataModule, TaskMixingSampler
 from mtl_lightning.data.multidigits import MultiDigitsDataModule
 from mtl_lightning.data.planted import PlantedGroupsDataModule
+from mtl_lightning.data.policies import (
+    AllTasks,
+    Annealed,
+    Explicit,
+    MixingPolicy,
+    Proportional,
+    RoundRobin,
+    Scheduled,
+    Temperature,
+    Uniform,
+)
 from mtl_lightning.data.synthetic import CorrelatedRegressionDataModule
 
 __all__ = [
@@ -11,4 +24,16 @@ __all__ = [
     "MultiDigitsDataModule",
     "CorrelatedRegressionDataModule",
     "PlantedGroupsDataModule",
+    "MultiDatasetDataModule",
+    "TaskMixingSampler",
+    "DomainDigitsDataModule",
+    "MixingPolicy",
+    "AllTasks",
+    "Uniform",
+    "Proportional",
+    "Temperature",
+    "Annealed",
+    "RoundRobin",
+    "Explicit",
+    "Scheduled",
 ]

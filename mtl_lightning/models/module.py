@@ -121,7 +121,7 @@ class MultiTaskModule(pl.LightningModule):
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.balancer: BalancingMethod = EqualWeighting()
-        self._checked_stages: set[str] = set()
+        self._checked_stages: set[tuple[str, str]] = set()  # (stage, task) pairs whose outputs were checked
         #: Per-task factor on the training loss (set by interventions such as negative-transfer
         #: down-weighting; 1.0 when absent). Persisted in checkpoints.
         self.task_loss_multipliers: dict[str, float] = {}
@@ -156,17 +156,19 @@ class MultiTaskModule(pl.LightningModule):
         """Per-task outputs (raw logits / values) for the input ``x``."""
         return self.heads_forward(self.encoder(x))
 
-    def heads_forward(self, features: Any) -> dict[str, Tensor]:
+    def heads_forward(self, features: Any, tasks: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
+        """Outputs of the heads of ``tasks`` (default: every task) on the encoder's ``features``."""
+        names = list(self.heads) if tasks is None else list(tasks)
         if isinstance(features, Mapping):
-            missing = [n for n in self.tasks if n not in features]
+            missing = [n for n in names if n not in features]
             if missing:
                 raise TaskConfigError(f"The encoder returned features for {sorted(features)} but not for task(s) {missing}.")
-            per_task = {name: features[name] for name in self.heads}
+            per_task = {name: features[name] for name in names}
         else:
-            per_task = {name: features for name in self.heads}
+            per_task = {name: features for name in names}
         return {
-            name: head(per_task[name].detach() if name in self.detached_tasks else per_task[name])
-            for name, head in self.heads.items()
+            name: self.heads[name](per_task[name].detach() if name in self.detached_tasks else per_task[name])
+            for name in names
         }
 
     def set_task_loss_multiplier(self, task: str, value: float) -> None:
@@ -188,23 +190,55 @@ class MultiTaskModule(pl.LightningModule):
             raise KeyError(f"The batch has no input key '{self.input_key}' (keys: {sorted(batch)}); set model.input_key.")
         return batch[self.input_key]
 
+    def routed_tasks(self, batch: Any) -> Optional[dict[str, Mapping[str, Any]]]:
+        """The sub-batches of a task-routed batch ``{task_name: sub_batch}``, or None for a
+        single-dataset batch (``{input_key: …, label_key: …}`` shared by every task).
+
+        A batch is task-routed when every value is itself a dict; each key must then be a task name
+        and each sub-batch holds that task's input and label (multi-dataset mixing).
+        """
+        if not isinstance(batch, Mapping) or not batch or not all(isinstance(v, Mapping) for v in batch.values()):
+            return None
+        unknown = sorted(set(batch) - set(self.tasks))
+        if unknown:
+            raise KeyError(
+                f"Task-routed batch has sub-batches for unknown task(s) {unknown}; the model's tasks are "
+                f"{self.task_names}. Each key of a {{task: sub_batch}} batch must be a task name."
+            )
+        return dict(batch)
+
+    def _forward_batch(self, batch: Mapping[str, Any], stage: str) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+        """(features, outputs, targets) of the tasks the batch carries. A task-routed batch encodes
+        each sub-batch separately (shapes may differ) and its features are a dict by task."""
+        routed = self.routed_tasks(batch)
+        if routed is None:
+            features = self.encoder(self._input(batch))
+            outputs = self.heads_forward(features)
+            targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
+        else:
+            features, outputs, targets = {}, {}, {}
+            for name, sub_batch in routed.items():
+                features[name] = self.encoder(self._input(sub_batch))
+                outputs[name] = self.heads_forward(features[name], [name])[name]
+                targets[name] = self.tasks[name].get_target(sub_batch)
+        for name in outputs:
+            if (stage, name) not in self._checked_stages:
+                self.tasks[name].check_output(outputs[name], targets[name])
+                self._checked_stages.add((stage, name))
+        return features, outputs, targets
+
     def compute_losses(self, batch: Mapping[str, Any], stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
         """Encode, run the heads, and compute each task's mean loss over its labelled samples.
 
-        Returns (features, outputs, losses); a task with no labelled sample is absent from losses.
+        Returns (features, outputs, losses); a task with no labelled sample (or, in a task-routed
+        batch, no sub-batch) is absent from losses and outputs.
         Raises ``FloatingPointError`` naming the task when a loss is not finite.
         """
-        features = self.encoder(self._input(batch))
-        outputs = self.heads_forward(features)
-        targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
-        if stage not in self._checked_stages:
-            for name, task in self.tasks.items():
-                task.check_output(outputs[name], targets[name])
-            self._checked_stages.add(stage)
-        counts = torch.stack([task.valid_mask(targets[n]).sum() for n, task in self.tasks.items()]).tolist()
+        features, outputs, targets = self._forward_batch(batch, stage)
+        counts = torch.stack([self.tasks[n].valid_mask(targets[n]).sum() for n in outputs]).tolist()
         losses = {
-            name: task.loss(outputs[name], targets[name])
-            for (name, task), count in zip(self.tasks.items(), counts)
+            name: self.tasks[name].loss(outputs[name], targets[name])
+            for name, count in zip(outputs, counts)
             if count > 0
         }
         if stage == "train":
@@ -249,7 +283,10 @@ class MultiTaskModule(pl.LightningModule):
             self.load_pretrained(self.init_from)
             self._pretrained_loaded = True
         datamodule = getattr(self.trainer, "datamodule", None)
-        available = getattr(datamodule, "label_keys", None)
+        by_task = getattr(datamodule, "label_keys_by_task", None)
+        available = None if by_task is not None else getattr(datamodule, "label_keys", None)
+        if by_task is not None:
+            self._check_task_datasets(datamodule, by_task)
         if available is not None:
             for task in self.tasks.values():
                 if task.label_key not in available:
@@ -275,6 +312,24 @@ class MultiTaskModule(pl.LightningModule):
                 f"gradients of the same step), but the data module draws {per_step!r} task(s) per step. "
                 "Use an all-tasks-per-step mixing policy or a loss-weighting method."
             )
+
+    def _check_task_datasets(self, datamodule: Any, by_task: Mapping[str, set[str]]) -> None:
+        """With one dataset per task: every task has one, providing its label, and no dataset is orphaned."""
+        name = type(datamodule).__name__
+        missing = [t for t in self.tasks if t not in by_task]
+        extra = sorted(set(by_task) - set(self.tasks))
+        if missing or extra:
+            raise TaskConfigError(
+                f"{name} has datasets for tasks {sorted(by_task)}, the model has tasks {self.task_names}: "
+                + (f"no dataset for {missing}. " if missing else "")
+                + (f"no task for dataset(s) {extra}." if extra else "")
+            )
+        for task in self.tasks.values():
+            if task.label_key not in by_task[task.name]:
+                raise TaskConfigError(
+                    f"Task '{task.name}' reads label key '{task.label_key}', which its dataset in {name} "
+                    f"does not provide (it provides {sorted(by_task[task.name])})."
+                )
 
     def configure_optimizers(self) -> Any:
         balancing_ids = {id(p) for p in self.balancing_parameters.values()}
@@ -342,7 +397,11 @@ class MultiTaskModule(pl.LightningModule):
                 "every training batch needs at least one labelled sample."
             )
         # Outputs of tasks without labels in this batch take part in the graph with weight 0 so
-        # that DDP sees a gradient (zero) for every head.
+        # that DDP sees a gradient (zero) for every head. Heads a task-routed batch does not reach
+        # run on the first sub-batch's features for that purpose.
+        unreached = [n for n in self.tasks if n not in outputs]
+        if unreached:
+            outputs = {**outputs, **self.heads_forward(next(iter(features.values())), unreached)}
         absent = [outputs[n] for n in self.tasks if n not in losses]
         self._unused_outputs_anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device))
         last = self._is_last_microbatch(batch_idx)
@@ -369,7 +428,13 @@ class MultiTaskModule(pl.LightningModule):
             scheduler = self.lr_schedulers()
             if scheduler is not None and self.lr_scheduler_interval == "step":
                 self._step_scheduler(scheduler)
-        self._log_training(losses, weights, reg, batch_size=len(self._input(batch)))
+        routed = self.routed_tasks(batch)
+        if routed is not None:
+            # Mean over the epoch's steps = the realized share of steps that trained each task.
+            for name in self.tasks:
+                self.log(f"train/{name}/step_share", float(name in routed), on_step=False, on_epoch=True, batch_size=1)
+        batch_size = sum(len(self._input(b)) for b in routed.values()) if routed is not None else len(self._input(batch))
+        self._log_training(losses, weights, reg, batch_size=batch_size)
 
     def _log_training(
         self, losses: dict[str, Tensor], weights: dict[str, Tensor], reg: Optional[Tensor], batch_size: int
@@ -412,24 +477,22 @@ class MultiTaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
-        features = self.encoder(self._input(batch))
-        outputs = self.heads_forward(features)
-        for name, task in self.tasks.items():
-            target = task.get_target(batch)
-            if stage not in self._checked_stages:
-                task.check_output(outputs[name], target)
+        _, outputs, targets = self._forward_batch(batch, stage)
+        for name, output in outputs.items():
+            task, target = self.tasks[name], targets[name]
             mask = task.valid_mask(target)
             count = int(mask.sum())
             if count == 0:
                 continue
-            self.eval_losses[stage][name].update(task.loss(outputs[name], target), weight=count)
-            self.eval_metrics[stage][name].update(*task.metric_inputs(outputs[name], target))
-        self._checked_stages.add(stage)
+            self.eval_losses[stage][name].update(task.loss(output, target), weight=count)
+            self.eval_metrics[stage][name].update(*task.metric_inputs(output, target))
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    # With one loader per task (multi-dataset mixing) batches are task-routed, so metrics are
+    # accumulated by task and the dataloader index is not needed.
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
@@ -453,23 +516,27 @@ class MultiTaskModule(pl.LightningModule):
                 continue
             total += float(loss)
             results[name] = values
-            self.log(f"{stage}/{name}/loss", float(loss))
+            self.log(f"{stage}/{name}/loss", float(loss), add_dataloader_idx=False)
             for metric, value in values.items():
-                self.log(f"{stage}/{name}/{metric}", value)
+                self.log(f"{stage}/{name}/{metric}", value, add_dataloader_idx=False)
         if results:
-            self.log(f"{stage}/loss", total)
+            self.log(f"{stage}/loss", total, add_dataloader_idx=False)
         baselines = {n: t.baselines for n, t in self.tasks.items() if t.baselines}
         if baselines:
             directions = {n: t.higher_is_better() for n, t in self.tasks.items()}
             delta = delta_mtl(results, baselines, directions)
             if delta is not None:
-                self.log(f"{stage}/delta_mtl", delta.delta_mtl)
-                self.log(f"{stage}/delta_m", delta.delta_m)
+                self.log(f"{stage}/delta_mtl", delta.delta_mtl, add_dataloader_idx=False)
+                self.log(f"{stage}/delta_m", delta.delta_m, add_dataloader_idx=False)
                 for name, value in delta.per_task.items():
-                    self.log(f"{stage}/{name}/delta", value)
+                    self.log(f"{stage}/{name}/delta", value, add_dataloader_idx=False)
         return results
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        routed = self.routed_tasks(batch)
+        if routed is not None:
+            outputs = {n: self.heads_forward(self.encoder(self._input(b)), [n])[n] for n, b in routed.items()}
+            return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
         x = self._input(batch) if isinstance(batch, Mapping) else batch
         outputs = self(x)
         return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
