@@ -231,3 +231,16 @@ def test_delta_logged_when_baselines_given():
     assert float(metrics["val/left/delta"]) == pytest.approx((acc - 0.5) / 0.5 * 100, rel=1e-4)
     assert float(metrics["val/delta_mtl"]) == pytest.approx(float(metrics["val/left/delta"]), rel=1e-5)
     assert float(metrics["val/delta_m"]) == pytest.approx(-float(metrics["val/left/delta"]), rel=1e-5)
+
+
+def test_resume_from_checkpoint_with_default_safe_loading(tmp_path):
+    """Checkpoints hold no pickled objects: resuming works under torch.load(weights_only=True)."""
+    torch.manual_seed(0)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(digits_module(), small_digits())
+    path = str(tmp_path / "one_epoch.ckpt")
+    trainer.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # would raise on a pickled Task or encoder
+    resumed = quiet_trainer(max_epochs=2)
+    resumed.fit(digits_module(), small_digits(), ckpt_path=path)
+    assert resumed.current_epoch == 2

@@ -68,7 +68,10 @@ class MultiTaskModule(pl.LightningModule):
         freeze_encoder: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder"], logger=False)
+        # Only plain options go into the checkpoint's hyperparameters: objects (encoder, tasks, factories)
+        # would make checkpoints unloadable under torch.load(weights_only=True), the default for resuming.
+        # Rebuild them from the config (the CLI does) or pass them to load_from_checkpoint.
+        self.save_hyperparameters(ignore=["encoder", "tasks", "optimizer", "lr_scheduler"], logger=False)
         self.automatic_optimization = False
         tasks = list(tasks)
         if not tasks:
