@@ -126,6 +126,10 @@ class MultiTaskModule(pl.LightningModule):
         """Trainable parameters shared by the tasks (the encoder's)."""
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
+    def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of :meth:`shared_parameters`, names relative to the encoder."""
+        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Trainable parameters of one task's head."""
         return [p for p in self.heads[task].parameters() if p.requires_grad]
