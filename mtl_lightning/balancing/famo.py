@@ -109,10 +109,10 @@ class FAMO(LossWeighting):
         if self.logits is None or self.optimizer is None:
             return {}
         optimizer_state = self.optimizer.state_dict()
-        for state in optimizer_state["state"].values():
-            for key, value in state.items():
-                if isinstance(value, Tensor):
-                    state[key] = value.detach().cpu().clone()
+        optimizer_state["state"] = {  # copies on the CPU; the live state stays untouched
+            index: {k: v.detach().cpu().clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+            for index, state in optimizer_state["state"].items()
+        }
         return {"logits": self.logits.detach().cpu().clone(), "optimizer": optimizer_state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
