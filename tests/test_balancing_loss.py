@@ -127,6 +127,17 @@ def test_dwa_uses_ratio_of_last_two_epoch_means():
     assert float(total) == pytest.approx(expected[0] * 5 + expected[1] * 7)
 
 
+def test_dwa_task_missing_for_a_whole_epoch_is_a_clear_error():
+    method = DWA()
+    module = attach(method, make_module())
+    for epoch in range(3):
+        losses = {"a": torch.tensor(1.0 + epoch)}  # task 'b' never has a label
+        if epoch < 2:
+            method.combine(losses, context(module, losses, epoch))
+    with pytest.raises(ValueError, match=r"DWA: task\(s\) \['b'\]"):
+        method.combine(losses, context(module, losses, 2))
+
+
 def test_dwa_rejects_bad_temperature():
     with pytest.raises(ValueError, match="temperature"):
         DWA(temperature=0.0)
@@ -308,19 +319,21 @@ def test_learnable_weights_train_in_their_own_group_without_weight_decay(method_
 
     loader = torch.utils.data.DataLoader(TensorDictDataset(data), batch_size=16, collate_fn=collate_batched)
     module = make_module(optimizer=partial(torch.optim.AdamW, lr=0.01, weight_decay=0.5))
-    grads = []
+    grads, initial = [], []
 
     class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            initial.append(pl_module.balancing_parameters[key].detach().clone())
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.append(pl_module.balancing_parameters[key].grad.clone())
 
     trainer = pl.Trainer(callbacks=[method, Probe()], max_steps=3, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    before = module.balancing_parameters[key].detach().clone()
     trainer.fit(module, loader)
     groups = trainer.optimizers[0].param_groups
     assert len(groups) == 2 and groups[0]["weight_decay"] == 0.5 and groups[1]["weight_decay"] == 0.0
     assert groups[1]["params"] == [module.balancing_parameters[key]]
     assert len(grads) == 3 and all(g.abs().sum() > 0 for g in grads)
-    assert not torch.equal(before, module.balancing_parameters[key].detach())
+    assert not torch.equal(initial[0], module.balancing_parameters[key].detach())
     assert f"balancing_parameters.{key}" in module.state_dict()  # checkpointed with the model

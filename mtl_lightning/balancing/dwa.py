@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ class DWA(LossWeighting):
             return torch.ones(len(task_names))
         ratio = previous / before
         if not bool(torch.isfinite(ratio).all()):
-            bad = [n for n, r in zip(task_names, ratio.tolist()) if not torch.isfinite(torch.tensor(r))]
+            bad = [n for n, r in zip(task_names, ratio.tolist()) if not math.isfinite(r)]
             raise ValueError(
                 f"DWA: task(s) {bad} have no finite loss ratio between epochs {epoch - 2} and {epoch - 1} "
                 "(no labelled sample in a whole epoch, or a zero loss); DWA needs every task every epoch."
