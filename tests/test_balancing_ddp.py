@@ -44,7 +44,7 @@ def make_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(TensorDictDataset(data), batch_size=16, collate_fn=collate_batched)
 
 
-@pytest.mark.parametrize("method", [FAMO()], ids=["FAMO"])
+@pytest.mark.parametrize("method", [FAMO(), DWA()], ids=["FAMO", "DWA"])
 def test_method_state_is_identical_on_every_rank(method, tmp_path):
     pl.seed_everything(0)
     module = MultiTaskModule(MLP(6, (8,)), [ClassificationTask("a", 2), ClassificationTask("b", 2)],

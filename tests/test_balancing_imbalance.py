@@ -8,7 +8,9 @@ step and keep the right digit within a few points of the balanced run.
 
 UW and IMTL-L start from equal weights (s = 0) and must *learn* a log-scale of ≈ log 1000: within
 48 steps the shared features are already lost to the left task, so they do not pass the accuracy
-criterion here (they do learn the right scale, which is what this test checks for them).
+criterion in that short setting (they do learn the scale, checked below). With 30 epochs (480 steps)
+and a learning rate of 0.5 on s they recover: right digit ≈ 0.89-0.90 vs ≈ 0.94 balanced, while EW
+stays at ≈ 0.35. With the model's learning rate (3e-3) on s, UW still fails at 480 steps (≈ 0.29).
 """
 
 from __future__ import annotations
@@ -43,13 +45,13 @@ def datamodule() -> MultiDigitsDataModule:
     return dm
 
 
-def train(datamodule, method, scale: float) -> tuple[dict[str, float], MultiTaskModule]:
+def train(datamodule, method, scale: float, epochs: int = 3) -> tuple[dict[str, float], MultiTaskModule]:
     pl.seed_everything(0)
     module = MultiTaskModule(SmallCNN(channels=(8, 16), out_features=32),
                              [ClassificationTask("left", 10), ClassificationTask("right", 10)],
                              optimizer=partial(torch.optim.Adam, lr=3e-3))
     module.set_task_loss_multiplier("left", scale)
-    trainer = pl.Trainer(max_epochs=3, callbacks=[method], logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[method], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule)
     return {t: float(trainer.callback_metrics[f"val/{t}/accuracy"]) for t in ("left", "right")}, module
@@ -80,3 +82,20 @@ def test_learned_weights_discount_the_scaled_task(datamodule, method):
     # Effective weights: UW ½e^{−s}, IMTL-L e^{s}; both should fall by orders of magnitude on 'left'.
     weights = 0.5 * torch.exp(-params) if isinstance(method, UW) else torch.exp(params)
     assert float(weights[0] / weights[1]) < 0.1  # from 1 at the start
+
+
+@pytest.fixture(scope="module")
+def balanced_long(datamodule) -> dict[str, float]:
+    return train(datamodule, EqualWeighting(), 1.0, epochs=30)[0]
+
+
+def test_equal_weighting_still_behind_after_long_training(datamodule, balanced_long):
+    accuracy, _ = train(datamodule, EqualWeighting(), SCALE, epochs=30)
+    assert accuracy["right"] < balanced_long["right"] - 0.3
+
+
+@pytest.mark.parametrize("method", [UW(lr=0.5), IMTLL(lr=0.5)], ids=["UW", "IMTLL"])
+def test_learned_weights_recover_the_small_loss_task_on_longer_runs(datamodule, balanced_long, method):
+    accuracy, _ = train(datamodule, method, SCALE, epochs=30)
+    assert accuracy["right"] >= balanced_long["right"] - 0.06
+    assert accuracy["left"] >= balanced_long["left"] - 0.12
