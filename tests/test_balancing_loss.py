@@ -337,3 +337,23 @@ def test_learnable_weights_train_in_their_own_group_without_weight_decay(method_
     assert len(grads) == 3 and all(g.abs().sum() > 0 for g in grads)
     assert not torch.equal(initial[0], module.balancing_parameters[key].detach())
     assert f"balancing_parameters.{key}" in module.state_dict()  # checkpointed with the model
+
+
+def test_learnable_weights_survive_a_second_setup():
+    """fit → validate → fit: the callback keeps using the module's (trained) parameter."""
+    method = UW()
+    data = {"input": torch.randn(32, 4), "a": torch.randint(3, (32,)), "b": torch.randint(3, (32,))}
+    from mtl_lightning.data import TensorDictDataset
+    from mtl_lightning.data.datamodule import collate_batched
+
+    loader = torch.utils.data.DataLoader(TensorDictDataset(data), batch_size=16, collate_fn=collate_batched)
+    module = make_module()
+    kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    pl.Trainer(callbacks=[method], max_steps=2, **kwargs).fit(module, loader)
+    trained = module.balancing_parameters["UW__log_variance"]
+    pl.Trainer(callbacks=[method], **kwargs).validate(module, loader, verbose=False)
+    assert method.log_variance is trained and trained.abs().sum() > 0
+    after_first_fit = trained.detach().clone()
+    pl.Trainer(callbacks=[method], max_steps=2, **kwargs).fit(module, loader)
+    assert method.log_variance is module.balancing_parameters["UW__log_variance"]
+    assert not torch.equal(after_first_fit, module.balancing_parameters["UW__log_variance"].detach())

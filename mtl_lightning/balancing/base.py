@@ -141,10 +141,12 @@ class BalancingMethod(Callback):
         """Called once the tasks are known (before the strategy wraps the model). Register learnable
         parameters here with :meth:`register_parameters`; validate per-task options."""
 
-    def register_parameters(self, parameters: Mapping[str, nn.Parameter]) -> None:
-        """Give learnable weights to the module: DDP-synchronised, checkpointed, own param group."""
+    def register_parameters(self, parameters: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """Give learnable weights to the module: DDP-synchronised, checkpointed, own param group.
+        Returns the parameters the module holds (use those: after a second ``setup`` they are the
+        already trained ones, not the fresh ones passed in)."""
         assert self._module is not None
-        self._module.register_balancing_parameters(self, parameters)
+        return self._module.register_balancing_parameters(self, parameters)
 
     def check_task_keys(self, option: str, mapping: Mapping[str, Any], task_names: list[str]) -> None:
         """Raise a clear error when a per-task option names tasks the model does not have."""

@@ -43,8 +43,7 @@ class GradNorm(LossWeighting):
         self.initial_losses: Optional[Tensor] = None
 
     def attach(self, task_names: list[str]) -> None:
-        self.weights = nn.Parameter(torch.ones(len(task_names)))
-        self.register_parameters({"weights": self.weights})
+        self.weights = self.register_parameters({"weights": nn.Parameter(torch.ones(len(task_names)))})["weights"]
 
     def layer_parameters(self, ctx: BalancingContext) -> list[nn.Parameter]:
         """W: the parameters of the configured (or last) shared layer."""

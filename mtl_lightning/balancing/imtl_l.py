@@ -34,8 +34,7 @@ class IMTLL(LossWeighting):
         self.log_scale: Optional[nn.Parameter] = None
 
     def attach(self, task_names: list[str]) -> None:
-        self.log_scale = nn.Parameter(torch.full((len(task_names),), float(self.init_scale)))
-        self.register_parameters({"log_scale": self.log_scale})
+        self.log_scale = self.register_parameters({"log_scale": nn.Parameter(torch.full((len(task_names),), float(self.init_scale)))})["log_scale"]
 
     def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert self.log_scale is not None

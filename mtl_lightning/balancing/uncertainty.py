@@ -35,8 +35,7 @@ class UW(LossWeighting):
         self.log_variance: Optional[nn.Parameter] = None
 
     def attach(self, task_names: list[str]) -> None:
-        self.log_variance = nn.Parameter(torch.full((len(task_names),), float(self.init_log_variance)))
-        self.register_parameters({"log_variance": self.log_variance})
+        self.log_variance = self.register_parameters({"log_variance": nn.Parameter(torch.full((len(task_names),), float(self.init_log_variance)))})["log_variance"]
 
     def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:
         assert self.log_variance is not None

@@ -134,8 +134,14 @@ class MultiTaskModule(pl.LightningModule):
         """Trainable parameters of one task's head."""
         return [p for p in self.heads[task].parameters() if p.requires_grad]
 
-    def register_balancing_parameters(self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]) -> None:
-        """Attach a balancing method's learnable weights to the module (see ``BalancingMethod``)."""
+    def register_balancing_parameters(
+        self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]
+    ) -> dict[str, nn.Parameter]:
+        """Attach a balancing method's learnable weights to the module (see ``BalancingMethod``).
+
+        Returns the parameters the module holds under those keys: on a second ``setup`` (e.g. a
+        ``validate`` after ``fit``) the already registered, trained ones.
+        """
         keys = []
         for key, param in parameters.items():
             full = f"{owner.name}__{key}"
@@ -143,6 +149,7 @@ class MultiTaskModule(pl.LightningModule):
                 self.balancing_parameters[full] = param
             keys.append(full)
         self._balancing_groups[owner.name] = keys
+        return {key: self.balancing_parameters[f"{owner.name}__{key}"] for key in parameters}
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, x: Tensor) -> dict[str, Tensor]:
