@@ -357,3 +357,32 @@ def test_learnable_weights_survive_a_second_setup():
     pl.Trainer(callbacks=[method], max_steps=2, **kwargs).fit(module, loader)
     assert method.log_variance is module.balancing_parameters["UW__log_variance"]
     assert not torch.equal(after_first_fit, module.balancing_parameters["UW__log_variance"].detach())
+
+
+ALL_METHODS = [UW, DWA, RLW, GLS, SI, IMTLL, STCH, FAMO, GradNorm, EqualWeighting]
+
+
+@pytest.mark.parametrize("method_cls", ALL_METHODS, ids=lambda c: c.__name__)
+def test_every_method_trains_under_bf16_with_accumulation_and_logs_weights(method_cls):
+    pl.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    data = {"input": x, "a": (x[:, 0] > 0).long(), "b": (x[:, 1] > 0).long()}
+    from mtl_lightning.data import TensorDictDataset
+    from mtl_lightning.data.datamodule import collate_batched
+
+    loader = torch.utils.data.DataLoader(TensorDictDataset(data), batch_size=16, collate_fn=collate_batched)
+    method = method_cls(warmup_epochs=0) if method_cls is STCH else method_cls()
+    module = make_module(accumulate_grad_batches=2)
+    weights = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append([float(trainer.callback_metrics[f"train/{t}/weight"]) for t in TASKS])
+
+    trainer = pl.Trainer(callbacks=[method, Probe()], max_epochs=3, precision="bf16-mixed", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 3 * 2  # 4 micro-batches per epoch, 2 per step
+    assert len(weights) == 12 and all(math.isfinite(w) and w >= 0 for row in weights for w in row)
