@@ -1,10 +1,6 @@
-"""Toy problems for looking at balancing methods through the real balancing contract."""
+"""Toy problems for looking at balancing methods through the real balancing contract.
 
-from mtl_lightning.toy.two_objective import (
-    PAPER_STARTS,
-    TwoObjectiveModule,
-    run_method,
-    two_objective_losses,
-)
-
-__all__ = ["TwoObjectiveModule", "two_objective_losses", "run_method", "PAPER_STARTS"]
+``mtl_lightning.toy.two_objective``: the two-objective problem of CAGrad / Nash-MTL / FAMO
+(``python -m mtl_lightning.toy.two_objective --help``). Submodules are not imported here, so that
+``python -m`` runs them without a double import.
+"""
