@@ -65,13 +65,18 @@ class BalancingContext:
     def shared_parameters(self) -> list[nn.Parameter]:
         return self._module.shared_parameters()
 
+    def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the shared parameters, names relative to the encoder (e.g. to
+        pick the last shared layer, as GradNorm does)."""
+        return self._module.named_shared_parameters()
+
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         return self._module.task_parameters(task)
 
     def recompute_losses(self) -> dict[str, Tensor]:
         """The task losses on this micro-batch with the current parameters, without gradient."""
         with torch.no_grad():
-            return self._module.compute_losses(self.batch)[1]
+            return self._module.compute_losses(self.batch)[2]
 
     # -- distributed --------------------------------------------------------------------------
     @property
@@ -136,10 +141,12 @@ class BalancingMethod(Callback):
         """Called once the tasks are known (before the strategy wraps the model). Register learnable
         parameters here with :meth:`register_parameters`; validate per-task options."""
 
-    def register_parameters(self, parameters: Mapping[str, nn.Parameter]) -> None:
-        """Give learnable weights to the module: DDP-synchronised, checkpointed, own param group."""
+    def register_parameters(self, parameters: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        """Give learnable weights to the module: DDP-synchronised, checkpointed, own param group.
+        Returns the parameters the module holds (use those: after a second ``setup`` they are the
+        already trained ones, not the fresh ones passed in)."""
         assert self._module is not None
-        self._module.register_balancing_parameters(self, parameters)
+        return self._module.register_balancing_parameters(self, parameters)
 
     def check_task_keys(self, option: str, mapping: Mapping[str, Any], task_names: list[str]) -> None:
         """Raise a clear error when a per-task option names tasks the model does not have."""
@@ -179,3 +186,23 @@ def effective_weights(objective_fn: Callable[[Tensor], Tensor], losses: dict[str
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(objective_fn(vec), vec)
     return {n: grad[i] for i, n in enumerate(names)}
+
+
+def require_positive_losses(method: str, losses: dict[str, Tensor], offsets: Optional[Mapping[str, float]] = None) -> None:
+    """Raise a clear error when a method that takes the log of the losses (GLS, SI, STCH, FAMO)
+    gets a loss ``L_t - offsets[t]`` that is not positive; such a log would silently become NaN."""
+    offsets = offsets or {}
+    values = torch.stack([l.detach().float() - offsets.get(n, 0.0) for n, l in losses.items()])
+    if bool((values <= 0).any()):
+        bad = {n: float(l) for (n, l), v in zip(losses.items(), values) if v <= 0}
+        shift = " minus its min_loss" if offsets else ""
+        raise ValueError(
+            f"{method} takes the log of each task loss{shift}, which must be > 0; got {bad}. "
+            "Use it with positive losses (cross-entropy, MSE…) or pick another balancing method."
+        )
+
+
+def task_positions(losses: Mapping[str, Tensor], task_names: list[str]) -> list[int]:
+    """Position in ``task_names`` of each task in ``losses`` (in ``losses`` order), to index
+    per-task state (learnable weights, histories) when only some tasks are present in a step."""
+    return [task_names.index(name) for name in losses]

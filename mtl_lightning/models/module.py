@@ -140,12 +140,22 @@ class MultiTaskModule(pl.LightningModule):
         """Trainable parameters shared by the tasks (the encoder's)."""
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
+    def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of :meth:`shared_parameters`, names relative to the encoder."""
+        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Trainable parameters of one task's head."""
         return [p for p in self.heads[task].parameters() if p.requires_grad]
 
-    def register_balancing_parameters(self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]) -> None:
-        """Attach a balancing method's learnable weights to the module (see ``BalancingMethod``)."""
+    def register_balancing_parameters(
+        self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]
+    ) -> dict[str, nn.Parameter]:
+        """Attach a balancing method's learnable weights to the module (see ``BalancingMethod``).
+
+        Returns the parameters the module holds under those keys: on a second ``setup`` (e.g. a
+        ``validate`` after ``fit``) the already registered, trained ones.
+        """
         keys = []
         for key, param in parameters.items():
             full = f"{owner.name}__{key}"
@@ -153,6 +163,7 @@ class MultiTaskModule(pl.LightningModule):
                 self.balancing_parameters[full] = param
             keys.append(full)
         self._balancing_groups[owner.name] = keys
+        return {key: self.balancing_parameters[f"{owner.name}__{key}"] for key in parameters}
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, x: Tensor) -> dict[str, Tensor]:

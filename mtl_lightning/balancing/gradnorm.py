@@ -1,0 +1,87 @@
+"""GradNorm: learnable task weights that equalise gradient norms on the last shared layer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mtl_lightning.balancing.base import BalancingContext, LossWeighting, task_positions
+from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
+
+
+class GradNorm(LossWeighting):
+    """Chen et al., ICML 2018 (arXiv 1711.02257).
+
+    The model trains on Σ_t w_t L_t with learnable weights w (init 1). On the last shared layer W,
+    G_t = ‖∇_W w_t L_t‖ and r_t = (L_t / L_t(0)) / mean_j(L_j / L_j(0)); the weights alone are
+    trained on L_grad = Σ_t |G_t − stopgrad(mean(G)·r_t^α)| (in the module's optimizer, own parameter
+    group), then renormalised to Σ_t w_t = T after every optimizer step. L_t(0) are the losses of the
+    first training step (averaged over DDP ranks, saved in checkpoints).
+
+    Args:
+        alpha: α, the restoring-force strength (1.5 in the paper and LibMTL).
+        lr: Learning rate of w (default: the model optimizer's).
+        shared_layer: Name (relative to the encoder, e.g. ``"project.1"``) of the shared module whose
+            parameters are W; default: the module holding the encoder's last parameter.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradNorm(alpha=1.5)])
+    """
+
+    def __init__(self, alpha: float = 1.5, lr: Optional[float] = None, shared_layer: Optional[str] = None) -> None:
+        super().__init__()
+        if alpha < 0:
+            raise ValueError(f"GradNorm: alpha must be >= 0, got {alpha}.")
+        self.alpha = alpha
+        self.shared_layer = shared_layer
+        if lr is not None:
+            self.parameter_group_options = {"lr": lr}
+        self.weights: Optional[nn.Parameter] = None
+        self.initial_losses: Optional[Tensor] = None
+
+    def attach(self, task_names: list[str]) -> None:
+        self.weights = self.register_parameters({"weights": nn.Parameter(torch.ones(len(task_names)))})["weights"]
+
+    def layer_parameters(self, ctx: BalancingContext) -> list[nn.Parameter]:
+        """W: the parameters of the configured (or last) shared layer."""
+        named = ctx.named_shared_parameters()
+        if not named:
+            raise ValueError("GradNorm needs shared (encoder) parameters; the encoder has no trainable parameter.")
+        layer = self.shared_layer if self.shared_layer is not None else named[-1][0].rpartition(".")[0]
+        chosen = [p for n, p in named if n.rpartition(".")[0] == layer]
+        if not chosen:
+            layers = sorted({n.rpartition(".")[0] for n, _ in named})
+            raise ValueError(f"GradNorm: shared_layer {layer!r} holds no trainable encoder parameter; choose from {layers}.")
+        return chosen
+
+    def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:
+        assert self.weights is not None
+        values, present = ctx.loss_vector()
+        if self.initial_losses is None:
+            self.initial_losses = values.detach().clone()
+        else:  # a task first seen later (partially labelled data) gets its L(0) then
+            self.initial_losses = torch.where(torch.isnan(self.initial_losses), values, self.initial_losses)
+        positions = task_positions(losses, ctx.task_names)
+        stacked = torch.stack(list(losses.values()))
+        w = self.weights[positions]
+        norms = flatten_jacobian(task_jacobian(list(losses.values()), self.layer_parameters(ctx))).norm(dim=1).detach()
+        grad_norms = w * norms.to(w)
+        ratios = (values / self.initial_losses.to(values))[positions].to(w)
+        relative = ratios / ratios.mean()
+        target = (grad_norms.mean() * relative**self.alpha).detach()
+        gradnorm_loss = (grad_norms - target).abs().sum()
+        return (w.detach() * stacked).sum() + gradnorm_loss, dict(zip(losses, w.detach()))
+
+    def on_optimizer_step(self, ctx: BalancingContext) -> None:
+        assert self.weights is not None
+        with torch.no_grad():
+            self.weights.mul_(len(self.weights) / self.weights.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.initial_losses is None else {"initial_losses": self.initial_losses.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial_losses = state_dict["initial_losses"]

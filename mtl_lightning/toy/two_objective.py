@@ -1,0 +1,278 @@
+"""The two-objective toy problem of CAGrad, Nash-MTL and FAMO (``REFERENCE.md`` §5).
+
+Two losses of a point x = (x1, x2) ∈ R² with a Pareto set near x2 ≈ −8.36, x1 ∈ [−7, 7]. Each
+balancing method runs from the papers' start points **through its real callback class**: the point
+is the shared parameter of a :class:`TwoObjectiveModule` (a ``MultiTaskModule``), every step builds a
+:class:`~mtl_lightning.balancing.BalancingContext` and calls ``method.backward(ctx)``, the optimizer
+steps, then ``method.on_optimizer_step(ctx)``. Gradient methods (``needs_all_tasks_per_step``) plug in
+unchanged: they see ``ctx.shared_parameters() == [x]``.
+
+Two runners:
+
+* ``direct`` (default): that loop in plain PyTorch, without the Lightning trainer loop (no AMP, no
+  DDP, no logging: the toy needs none): about 2.5× less per-step overhead (35k EW steps ≈ 40 s on
+  one core; ``experiments/toy/benchmark_runners.py`` prints the table).
+* ``lightning``: ``Trainer.fit`` with ``barebones=True``; identical trajectories, for checking.
+
+Command::
+
+    python -m mtl_lightning.toy.two_objective --methods ew,uw,famo --steps 35000 --out toy.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from functools import partial
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.tasks.task import MetricSpec, Task
+
+#: Start points of the Nash-MTL / FAMO figures.
+PAPER_STARTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0))
+#: Start points of the CAGrad figure.
+CAGRAD_STARTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
+#: Scale of each objective (the papers multiply L1 by 0.1 to make the losses imbalanced).
+PAPER_SCALES = (0.1, 1.0)
+#: Toy settings of the papers' code that differ from a method's defaults: FAMO's toy run uses no
+#: weight decay and L_t* = −21 × the objective's scale.
+TOY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "FAMO": {"gamma": 0.0, "min_losses": {"f1": -21.0 * PAPER_SCALES[0], "f2": -21.0 * PAPER_SCALES[1]}},
+}
+TASKS = ("f1", "f2")
+
+
+def two_objective_losses(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(L1, L2) at points ``x`` of shape (..., 2), unscaled."""
+    x1, x2 = x[..., 0], x[..., 1]
+    f1 = torch.log(torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), min=5e-6)) + 6
+    f2 = torch.log(torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), min=5e-6)) + 6
+    c1 = torch.clamp(torch.tanh(x2 / 2), min=0)
+    c2 = torch.clamp(torch.tanh(-x2 / 2), min=0)
+    f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    return c1 * f1 + c2 * f1_sq, c1 * f2 + c2 * f2_sq
+
+
+class PointEncoder(nn.Module):
+    """The shared parameter: the point x itself (the 'features' every head reads)."""
+
+    out_features = 2
+
+    def __init__(self, start: Sequence[float]) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor([float(v) for v in start]))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.x.expand(len(inputs), 2)
+
+
+class ToyObjective(Task):
+    """One objective of the toy: its loss is ``scale × L_index(x)`` (the head is the identity)."""
+
+    output_size = 2
+
+    def __init__(self, name: str, index: int, scale: float) -> None:
+        self.index = index
+        self.scale = scale
+        super().__init__(name, label_key="input", head=nn.Identity())
+
+    def metric_specs(self) -> dict[str, MetricSpec]:
+        return {}
+
+    def valid_mask(self, target: Tensor) -> Tensor:
+        return torch.ones(len(target), dtype=torch.bool, device=target.device)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return self.scale * two_objective_losses(output[0])[self.index]
+
+
+class TwoObjectiveModule(MultiTaskModule):
+    """A ``MultiTaskModule`` whose only shared parameter is the point x.
+
+    Args:
+        start: Initial x.
+        scales: Factor on each objective (the papers use (0.1, 1.0)).
+        lr: Adam learning rate (1e-3 in the papers).
+    """
+
+    def __init__(self, start: Sequence[float], scales: Sequence[float] = PAPER_SCALES, lr: float = 1e-3) -> None:
+        tasks = [ToyObjective(name, i, float(s)) for i, (name, s) in enumerate(zip(TASKS, scales))]
+        super().__init__(PointEncoder(start), tasks, optimizer=partial(torch.optim.Adam, lr=lr))
+        self.direct = False
+        self.trajectory: list[Tensor] = []
+
+    def compute_losses(self, batch: Any, stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+        # The generic path (label checks, masks, host syncs) costs more than the toy itself.
+        x = self.encoder.x
+        l1, l2 = two_objective_losses(x)
+        scales = [t.scale for t in self.tasks.values()]  # type: ignore[attr-defined]
+        return x, {n: x for n in TASKS}, {"f1": scales[0] * l1, "f2": scales[1] * l2}
+
+    def balanced_backward(self, loss: Tensor, sync: bool = True) -> None:
+        if self.direct:  # outside Trainer.fit: no AMP, accumulation or DDP to handle
+            loss.backward()
+        else:
+            super().balanced_backward(loss, sync)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trajectory.append(self.encoder.x.detach().clone())
+
+
+class _Steps(IterableDataset):
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        for _ in range(self.steps):
+            yield {"input": torch.zeros(1, 1)}
+
+
+def _direct_run(module: TwoObjectiveModule, method: BalancingMethod, steps: int, steps_per_epoch: int) -> None:
+    trainer = pl.Trainer(
+        callbacks=[method], logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, accelerator="cpu", devices=1,
+    )
+    module.trainer = trainer
+    module.direct = True
+    method.setup(trainer, module, "fit")
+    module.setup("fit")
+    optimizer = module.configure_optimizers()
+    batch = {"input": torch.zeros(1, 1)}
+    for step in range(steps):
+        features, _, losses = module.compute_losses(batch)
+        ctx = BalancingContext(
+            losses=losses, task_names=module.task_names, features=features, batch=batch,
+            global_step=step, epoch=step // steps_per_epoch, is_last_microbatch=True, _module=module,
+        )
+        method.backward(ctx)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.on_optimizer_step(ctx)
+        module.trajectory.append(module.encoder.x.detach().clone())
+
+
+def _lightning_run(module: TwoObjectiveModule, method: BalancingMethod, steps: int, steps_per_epoch: int) -> None:
+    trainer = pl.Trainer(
+        callbacks=[method], barebones=True, max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    loader = DataLoader(_Steps(steps_per_epoch), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def resolve_method(name: str) -> type[BalancingMethod]:
+    """A balancing class from a short name (``famo``, ``EW``…, looked up in ``mtl_lightning.balancing``
+    and ``mtl_lightning.gradients``) or a dotted path (``my_pkg.methods.MyMethod``)."""
+    if "." in name:
+        module_name, _, cls_name = name.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name, None)
+        if isinstance(cls, type) and issubclass(cls, BalancingMethod):
+            return cls
+        raise ValueError(f"{name!r} is not a BalancingMethod class.")
+    known: dict[str, type[BalancingMethod]] = {}
+    for package in ("mtl_lightning.balancing", "mtl_lightning.gradients"):
+        mod = importlib.import_module(package)
+        for attr in getattr(mod, "__all__", dir(mod)):
+            obj = getattr(mod, attr, None)
+            if isinstance(obj, type) and issubclass(obj, BalancingMethod) and obj.backward is not BalancingMethod.backward:
+                known.setdefault(attr.lower(), obj)
+    if name.lower() not in known:
+        raise ValueError(f"Unknown balancing method {name!r}; known: {sorted(known)} (or give a dotted class path).")
+    return known[name.lower()]
+
+
+def run_method(
+    method: str | BalancingMethod,
+    start: Sequence[float],
+    steps: int,
+    lr: float = 1e-3,
+    scales: Sequence[float] = PAPER_SCALES,
+    runner: str = "direct",
+    steps_per_epoch: int = 100,
+) -> Tensor:
+    """Trajectory (steps+1, 2) of x from ``start`` under one balancing method.
+
+    ``method`` is an instance or a name for :func:`resolve_method` (built with the toy settings of
+    :data:`TOY_METHOD_OPTIONS`). ``steps_per_epoch`` sets what an "epoch" is for DWA and STCH.
+    """
+    if isinstance(method, str):
+        cls = resolve_method(method)
+        method = cls(**TOY_METHOD_OPTIONS.get(cls.__name__, {}))
+    module = TwoObjectiveModule(start, scales, lr)
+    module.trajectory.append(module.encoder.x.detach().clone())
+    if runner == "direct":
+        _direct_run(module, method, steps, steps_per_epoch)
+    elif runner == "lightning":
+        _lightning_run(module, method, steps, steps_per_epoch)
+    else:
+        raise ValueError(f"runner must be 'direct' or 'lightning', got {runner!r}.")
+    return torch.stack(module.trajectory)
+
+
+def plot_trajectories(trajectories: dict[str, list[Tensor]], out: str, scales: Sequence[float] = PAPER_SCALES) -> None:
+    """One panel per method: trajectories over contours of the summed (scaled) losses; saves ``out``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # optional dependency
+        raise ImportError("Plotting the toy needs matplotlib: pip install 'mtl-lightning[plots]'.") from err
+    grid = torch.stack(torch.meshgrid(torch.linspace(-10, 10, 300), torch.linspace(-10, 10, 300), indexing="xy"), -1)
+    l1, l2 = two_objective_losses(grid)
+    total = scales[0] * l1 + scales[1] * l2
+    fig, axes = plt.subplots(1, len(trajectories), figsize=(4.2 * len(trajectories), 4.2), squeeze=False)
+    for ax, (name, runs) in zip(axes[0], trajectories.items()):
+        ax.contourf(grid[..., 0], grid[..., 1], total, levels=30, cmap="Greys", alpha=0.6)
+        ax.plot([-7, 7], [-8.36, -8.36], color="tab:red", lw=3, alpha=0.6, label="Pareto set (approx.)")
+        for run in runs:
+            ax.plot(run[:, 0], run[:, 1], lw=1.5)
+            ax.scatter(run[0, 0], run[0, 1], marker="o", color="k", s=15, zorder=3)
+            ax.scatter(run[-1, 0], run[-1, 1], marker="*", color="tab:orange", s=60, zorder=3)
+        ax.set_title(name)
+        ax.set_xlim(-10, 10)
+        ax.set_ylim(-10, 10)
+        ax.set_xlabel("x1")
+    axes[0][0].set_ylabel("x2")
+    axes[0][0].legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, list[Tensor]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="ew,uw,famo", help="comma-separated names or dotted class paths")
+    parser.add_argument("--steps", type=int, default=35000, help="optimizer steps per start (papers: 35k-50k)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on x (papers: 1e-3)")
+    parser.add_argument("--starts", choices=["nash-famo", "cagrad"], default="nash-famo")
+    parser.add_argument("--runner", choices=["direct", "lightning"], default="direct")
+    parser.add_argument("--steps-per-epoch", type=int, default=100, help="what an epoch is for DWA / STCH")
+    parser.add_argument("--out", default="toy.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a 2-parameter problem: threads only add overhead
+    starts = PAPER_STARTS if args.starts == "nash-famo" else CAGRAD_STARTS
+    trajectories: dict[str, list[Tensor]] = {}
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        t0 = time.perf_counter()
+        runs = [run_method(name, s, args.steps, args.lr, runner=args.runner, steps_per_epoch=args.steps_per_epoch) for s in starts]
+        seconds = time.perf_counter() - t0
+        trajectories[resolve_method(name).__name__] = runs
+        ends = ", ".join(f"({r[-1, 0]:.2f}, {r[-1, 1]:.2f})" for r in runs)
+        print(f"{resolve_method(name).__name__:>10}: {seconds:6.1f} s ({seconds / (len(starts) * args.steps) * 1e3:.3f} ms/step); ends {ends}")
+    plot_trajectories(trajectories, args.out)
+    print(f"saved {args.out}")
+    return trajectories
+
+
+if __name__ == "__main__":
+    main()

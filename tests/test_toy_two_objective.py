@@ -1,0 +1,70 @@
+"""The two-objective toy: problem definition, runners through the real callbacks, plot command."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtl_lightning.balancing import FAMO, EqualWeighting
+from mtl_lightning.toy import two_objective as toy
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_losses_match_the_reference_formulas_by_hand():
+    # x2 = 0: c1 = c2 = 0, both losses vanish.
+    l1, l2 = toy.two_objective_losses(torch.tensor([1.0, 0.0]))
+    assert float(l1) == 0.0 and float(l2) == 0.0
+    # x = (0, 2): c1 = tanh(1), c2 = 0; f1 = log|−3.5 + tanh 2| + 6, f2 = log|1.5 − tanh 2 + 2| + 6.
+    l1, l2 = toy.two_objective_losses(torch.tensor([0.0, 2.0]))
+    t = math.tanh(2.0)
+    assert float(l1) == pytest.approx(math.tanh(1.0) * (math.log(abs(-3.5 + t)) + 6), rel=1e-6)
+    assert float(l2) == pytest.approx(math.tanh(1.0) * (math.log(abs(1.5 - t + 2)) + 6), rel=1e-6)
+    # x = (7, −8): c2 = tanh 4, f1_sq = −20 (its minimum), f2_sq = 14²/10 − 20.
+    l1, l2 = toy.two_objective_losses(torch.tensor([7.0, -8.0]))
+    assert float(l1) == pytest.approx(math.tanh(4.0) * -20.0, rel=1e-6)
+    assert float(l2) == pytest.approx(math.tanh(4.0) * (19.6 - 20.0), rel=1e-5)
+
+
+def test_direct_runner_matches_lightning_trainer_exactly():
+    for method in ("ew", "famo"):
+        direct = toy.run_method(method, (9.0, 9.0), 25, lr=0.01)
+        fitted = toy.run_method(method, (9.0, 9.0), 25, lr=0.01, runner="lightning")
+        assert direct.shape == (26, 2)
+        assert torch.equal(direct, fitted)
+
+
+def test_famo_balances_where_equal_weighting_favours_the_large_loss():
+    # L1 is scaled by 0.1, so EW follows L2 towards its minimum at x1 = −7; FAMO stays central.
+    famo_options = toy.TOY_METHOD_OPTIONS["FAMO"]
+    ew = toy.run_method(EqualWeighting(), (-8.5, 7.5), 1000, lr=0.03)
+    famo = toy.run_method(FAMO(**famo_options), (-8.5, 7.5), 1000, lr=0.03)
+    assert ew[-1, 0] < -5 and abs(float(famo[-1, 0])) < 3
+    famo = toy.run_method(FAMO(**famo_options), (9.0, 9.0), 1000, lr=0.03)
+    assert famo[-1, 1] < -6.5 and abs(float(famo[-1, 0])) < 3  # descending onto x2 ≈ −8.36
+
+
+def test_resolve_method_by_short_name_or_path_and_errors():
+    assert toy.resolve_method("FaMo") is FAMO
+    assert toy.resolve_method("mtl_lightning.balancing.EqualWeighting") is EqualWeighting
+    with pytest.raises(ValueError, match="Unknown balancing method 'nope'"):
+        toy.resolve_method("nope")
+    with pytest.raises(ValueError, match="not a BalancingMethod"):
+        toy.resolve_method("torch.nn.Linear")
+    with pytest.raises(ValueError, match="runner"):
+        toy.run_method("ew", (0.0, 0.0), 1, runner="fast")
+
+
+def test_command_writes_a_png(tmp_path):
+    out = tmp_path / "toy.png"
+    trajectories = toy.main(["--methods", "ew,dwa", "--steps", "20", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(trajectories) == {"EqualWeighting", "DWA"} and len(trajectories["DWA"]) == len(toy.PAPER_STARTS)
