@@ -16,11 +16,15 @@ class AlignedMTL(GradientBalancer):
     """
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return self.balance_matrix(gramian).sum(0)
+
+    @staticmethod
+    def balance_matrix(gramian: Tensor) -> Tensor:
+        """B, symmetric: the aligned task gradients are the rows of BJ."""
         eigenvalues, vectors = torch.linalg.eigh(gramian)
         tol = eigenvalues.max() * gramian.shape[0] * torch.finfo(torch.float32).eps
         keep = eigenvalues > tol
         inv_sqrt = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
         smallest = torch.where(keep, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
         smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
-        balance = smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T
-        return balance.sum(0)
+        return smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T
