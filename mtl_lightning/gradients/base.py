@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
 from mtl_lightning.gradients.engine import per_task_gradients, representation_backward, unflatten_into
@@ -91,6 +91,19 @@ class GradientBalancer(BalancingMethod):
         heads = [ctx.task_parameters(n) for n in names]
         with ctx.no_sync():
             jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched)
+        # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
+        with torch.autocast(jacobian.device.type, enabled=False):
+            self._combine(ctx, jacobian, head_grads, loss_vector, scale, shared, heads)
+        last = self._last_weights
+        if last is None:
+            return {}
+        return {name: last[i].detach().float() for i, name in enumerate(names)}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _combine(self, ctx: BalancingContext, jacobian: Tensor, head_grads: Tensor, loss_vector: Tensor,
+                 scale: Optional[Tensor], shared: list[nn.Parameter], heads: list[list[nn.Parameter]]) -> None:
+        """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring)."""
+        names = ctx.task_names
         accumulate = ctx.accumulate_grad_batches
         t = len(names)
         if self.mode == "param":
@@ -121,12 +134,7 @@ class GradientBalancer(BalancingMethod):
                 n = shared_grads.numel()
                 self._write(shared, total[:n])
                 self._write([p for h in heads for p in h], total[n:])
-        last = self._last_weights
-        if last is None:
-            return {}
-        return {name: last[i].detach().float() for i, name in enumerate(names)}
 
-    # -- helpers --------------------------------------------------------------------------------
     def _accumulate(self, values: Tensor) -> None:
         self._buffer = values if self._buffer is None else self._buffer + values
 
