@@ -1,7 +1,8 @@
 """Small solvers on the T×T Gramian, in torch on the model's device (no host round-trip).
 
-Every solver runs a fixed number of iterations (iterations after convergence change nothing), so
-that no Python-side convergence test forces a device synchronisation. They work in float64: the
+On accelerators every solver runs its full iteration budget (iterations after convergence change
+nothing), so that no Python-side convergence test forces a device synchronisation; on the CPU, where
+reading a value costs nothing, they stop as soon as they have converged. They work in float64: the
 problems are tiny (T ≤ a few dozen) and conditioning matters more than speed there.
 """
 
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def converged(change: Tensor, tol: float) -> bool:
+    """True when ``change`` < ``tol`` and reading it is free (CPU tensors); always False on accelerators."""
+    return change.device.type == "cpu" and bool(change < tol)
 
 
 def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor]:
@@ -22,7 +28,7 @@ def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor
     return gamma, cost
 
 
-def frank_wolfe_min_norm(gramian: Tensor, iterations: int = 250) -> Tensor:
+def frank_wolfe_min_norm(gramian: Tensor, iterations: int = 250, tol: float = 1e-5) -> Tensor:
     """argmin_{w ∈ simplex} wᵀMw (MGDA) by Frank–Wolfe with exact line search, started from the best
     pair of tasks (Sener & Koltun, arXiv 1810.04650; their ``MinNormSolver``)."""
     m = gramian.double()
@@ -34,6 +40,8 @@ def frank_wolfe_min_norm(gramian: Tensor, iterations: int = 250) -> Tensor:
     best = torch.argmin(cost)
     w = torch.zeros(t, dtype=m.dtype, device=m.device)
     w = w.index_put((i[best],), gamma[best]).index_put((j[best],), 1 - gamma[best], accumulate=True)
+    if t == 2:
+        return w  # the best pair is the exact solution
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
     for _ in range(iterations):
         grad = m @ w
@@ -42,7 +50,11 @@ def frank_wolfe_min_norm(gramian: Tensor, iterations: int = 250) -> Tensor:
         v1v2 = grad[vertex]
         v2v2 = m[vertex, vertex]
         step, _ = min_norm_pair(v2v2, v1v2, v1v1)  # weight of the vertex
-        w = (1 - step) * w + step * eye[vertex]
+        new = (1 - step) * w + step * eye[vertex]
+        change = (new - w).abs().sum()
+        w = new
+        if converged(change, tol):  # the official stopping rule: Σ|Δw| < 1e-5
+            break
     return w
 
 
@@ -56,7 +68,7 @@ def project_to_simplex(v: Tensor) -> Tensor:
     return (v - theta).clamp_min(0)
 
 
-def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200) -> Tensor:
+def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200, tol: float = 1e-10) -> Tensor:
     """argmin_{w∈simplex} wᵀM 1/T + c‖g_0‖ √(wᵀMw) (CAGrad's dual, arXiv 2110.14048) by projected
     gradient descent with a step adapted to the local curvature of the square root."""
     m = gramian.double()
@@ -71,11 +83,15 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200) -> 
         root = (w @ mw + 1e-8).sqrt()
         grad = b + c * mw / root
         step = 1.0 / (lipschitz * (1 + c / root))
-        w = project_to_simplex(w - step * grad)
+        new = project_to_simplex(w - step * grad)
+        change = (new - w).abs().max()
+        w = new
+        if converged(change, tol):
+            break
     return w
 
 
-def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 20) -> Tensor:
+def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 20, tol: float = 1e-12) -> Tensor:
     """Positive solution w of M w = w^(−1/power) (elementwise power).
 
     power = 1 is Nash-MTL's bargaining condition Mα = 1/α (arXiv 2202.01017); general power is
@@ -95,14 +111,16 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         limit = torch.where(delta > 0, w / delta.clamp_min(1e-300), torch.full_like(w, float("inf"))).min()
         step = torch.minimum(step, 0.9 * limit)
         w = w - step * delta
+        if converged(decrement, tol):
+            break
     return w
 
 
-def dual_cone_weights(gramian: Tensor, iterations: int = 300) -> Tensor:
+def dual_cone_weights(gramian: Tensor, iterations: int = 300, tol: float = 1e-10) -> Tensor:
     """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
 
     Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved by accelerated projected
-    gradient (FISTA with restart) on the box constraint; ``gramian`` should be normalised and
+    gradient (FISTA) on the box constraint; ``gramian`` should be normalised and
     regularised (positive definite) by the caller.
     """
     m = gramian.double()
@@ -116,6 +134,9 @@ def dual_cone_weights(gramian: Tensor, iterations: int = 300) -> Tensor:
         v_next = torch.maximum(y - step * 2 * (y @ m), lower)
         momentum_next = (1 + (1 + 4 * momentum**2).sqrt()) / 2
         y = v_next + ((momentum - 1) / momentum_next) * (v_next - v)
+        change = (v_next - v).abs().max()
         v = v_next
         momentum = momentum_next
+        if converged(change, tol):
+            break
     return v
