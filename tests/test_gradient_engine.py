@@ -26,7 +26,8 @@ def test_param_mode_matches_per_loss_autograd(batched):
     expected = flatten_jacobian(task_jacobian(losses, shared, batched=False))
     expected_heads = torch.cat([torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, list(h.parameters()), retain_graph=True)])
                                 for l, h in zip(losses, heads)])
-    jac, head_grads = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "param", batched)
+    blocks, head_list = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "param", batched)
+    jac, head_grads = flatten_jacobian(blocks), torch.cat([g.reshape(-1) for g in head_list])
     assert jac.shape == (3, sum(p.numel() for p in shared))
     torch.testing.assert_close(jac, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(head_grads, expected_heads, rtol=1e-5, atol=1e-7)
@@ -35,12 +36,13 @@ def test_param_mode_matches_per_loss_autograd(batched):
 def test_rep_mode_is_gradient_wrt_representation_and_backward_through_encoder():
     encoder, heads, z, losses = _setup()
     shared = list(encoder.parameters())
-    jac, _ = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "rep")
+    (block,), _ = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "rep")
+    jac = block.reshape(3, -1)
     expected = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].reshape(-1) for l in losses])
     torch.testing.assert_close(jac, expected)
     weights = torch.tensor([0.2, 0.5, 0.3])
     reference = torch.autograd.grad(sum(w * l for w, l in zip(weights, losses)), shared, retain_graph=True)
-    flat = representation_backward(z, shared, weights @ jac)
+    flat = torch.cat([g.reshape(-1) for g in representation_backward(z, shared, weights @ jac)])
     torch.testing.assert_close(flat, torch.cat([g.reshape(-1) for g in reference]), rtol=1e-5, atol=1e-7)
 
 
@@ -57,7 +59,8 @@ def test_detached_task_contributes_zero_to_shared_jacobian():
     encoder, heads, z, _ = _setup(num_tasks=2)
     y = torch.zeros(7, dtype=torch.long)
     losses = [nn.functional.cross_entropy(heads[0](z), y), nn.functional.cross_entropy(heads[1](z.detach()), y)]
-    jac, _ = per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "param")
+    blocks, _ = per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "param")
+    jac = flatten_jacobian(blocks)
     assert jac[0].abs().sum() > 0 and jac[1].abs().sum() == 0
 
 
@@ -76,5 +79,5 @@ def test_param_mode_with_per_task_features_falls_back_to_direct_jacobian():
     losses = [nn.functional.cross_entropy(heads[0](feats["a"]), y), nn.functional.cross_entropy(heads[1](feats["b"]), y)]
     shared = list(encoder.parameters())
     expected = flatten_jacobian(task_jacobian(losses, shared, batched=False))
-    jac, _ = per_task_gradients(losses, feats, shared, [list(h.parameters()) for h in heads[:2]], "param")
-    torch.testing.assert_close(jac, expected, rtol=1e-5, atol=1e-7)
+    blocks, _ = per_task_gradients(losses, feats, shared, [list(h.parameters()) for h in heads[:2]], "param")
+    torch.testing.assert_close(flatten_jacobian(blocks), expected, rtol=1e-5, atol=1e-7)

@@ -20,7 +20,7 @@ def direction(method, jac, losses=None):
     """The aggregated direction d = Jᵀw of a Gramian weighting method (float64)."""
     jac = torch.as_tensor(np.asarray(jac), dtype=torch.float64)
     losses = torch.ones(jac.shape[0], dtype=torch.float64) if losses is None else torch.as_tensor(losses)
-    d, _ = method.aggregate(jac, jac @ jac.T, losses, None, None)
+    (d,), _ = method.aggregate([jac], jac @ jac.T, losses, None, None)
     return d.numpy()
 
 
@@ -267,8 +267,8 @@ def test_db_mtl_under_loss_scale_equals_unscaled():
     jac, losses = random_jacobian(3, p=5, seed=1), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
     j = torch.tensor(jac)
     scale = torch.tensor(1024.0, dtype=torch.float64)
-    d_plain, _ = DBMTL().aggregate(j, j @ j.T, losses, None, None)
-    d_scaled, _ = DBMTL().aggregate(j * scale, j @ j.T, losses, scale, None)
+    (d_plain,), _ = DBMTL().aggregate([j], j @ j.T, losses, None, None)
+    (d_scaled,), _ = DBMTL().aggregate([j * scale], j @ j.T, losses, scale, None)
     torch.testing.assert_close(d_scaled / scale, d_plain)
 
 
@@ -305,8 +305,9 @@ def test_graddrop_matches_reference_masks(leak):
     features = rng.normal(size=(6, 5))
     per_sample = rng.normal(size=(3, 6, 5))
     method = GradDrop(leak=leak, seed=4)
-    j = torch.tensor(per_sample.reshape(3, -1))
-    d, kept = method.aggregate(j, j @ j.T, torch.ones(3), None, _graddrop_ctx(torch.tensor(features)))
+    j = torch.tensor(per_sample)
+    flat = j.reshape(3, -1)
+    (d,), kept = method.aggregate([j], flat @ flat.T, torch.ones(3), None, _graddrop_ctx(torch.tensor(features)))
     uniform = torch.rand((5,), generator=torch.Generator().manual_seed(4), dtype=torch.float64).numpy()
     np.testing.assert_allclose(d.numpy().reshape(6, 5), graddrop_reference(per_sample, features, uniform, leak))
     assert ((kept >= leak) & (kept <= 1)).all()
@@ -315,9 +316,9 @@ def test_graddrop_matches_reference_masks(leak):
 def test_graddrop_keeps_everything_when_signs_agree():
     features = torch.ones(4, 3, dtype=torch.float64)
     per_sample = torch.rand(2, 4, 3, dtype=torch.float64) + 0.1  # all positive: P = 1 > U
-    j = per_sample.reshape(2, -1)
-    d, kept = GradDrop().aggregate(j, j @ j.T, torch.ones(2), None, _graddrop_ctx(features))
-    torch.testing.assert_close(d, j.sum(0))
+    flat = per_sample.reshape(2, -1)
+    (d,), kept = GradDrop().aggregate([per_sample], flat @ flat.T, torch.ones(2), None, _graddrop_ctx(features))
+    torch.testing.assert_close(d, per_sample.sum(0))
     torch.testing.assert_close(kept, torch.ones(2, dtype=torch.float64))
 
 

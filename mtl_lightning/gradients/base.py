@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
-from mtl_lightning.gradients.engine import per_task_gradients, representation_backward, unflatten_into
+from mtl_lightning.gradients.engine import per_task_gradients, representation_backward
 
 MODES = ("param", "rep")
 
@@ -57,7 +57,7 @@ class GradientBalancer(BalancingMethod):
             )
         self.mode = mode
         self.batched = bool(batched)
-        self._buffer: Optional[Tensor] = None
+        self._buffer: Optional[list[Tensor]] = None
         self._last_weights: Optional[Tensor] = None
 
     # -- what a method implements ---------------------------------------------------------------
@@ -66,12 +66,16 @@ class GradientBalancer(BalancingMethod):
         (rank-averaged) task losses. The update is Σ_t w_t g_t."""
         raise NotImplementedError
 
-    def aggregate(self, jacobian: Tensor, gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
-                  ctx: BalancingContext) -> tuple[Tensor, Tensor]:
-        """Direction (N,) in the space of ``jacobian`` (gradients ×``scale`` under fp16) and the
-        effective weight of each task. Default: d = Jᵀ w with w = :meth:`weights`."""
+    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
+        """The direction and the effective weight of each task.
+
+        ``jacobian`` is a list of blocks ``(T, *shape)`` (one per shared parameter in param mode, the
+        representation in rep mode), ×``scale`` under fp16 loss scaling; the direction is one tensor
+        of ``shape`` per block, in the same (scaled) space. Default: d = Jᵀw with w = :meth:`weights`.
+        """
         w = self.weights(gramian, losses)
-        return w.to(jacobian.dtype) @ jacobian, w
+        return [torch.tensordot(w.to(block.dtype), block, dims=1) for block in jacobian], w
 
     # -- the contract ---------------------------------------------------------------------------
     def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
@@ -92,7 +96,7 @@ class GradientBalancer(BalancingMethod):
         with ctx.no_sync():
             jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
-        with torch.autocast(jacobian.device.type, enabled=False):
+        with torch.autocast(loss_vector.device.type, enabled=False):
             self._combine(ctx, jacobian, head_grads, loss_vector, scale, shared, heads)
         last = self._last_weights
         if last is None:
@@ -100,55 +104,67 @@ class GradientBalancer(BalancingMethod):
         return {name: last[i].detach().float() for i, name in enumerate(names)}
 
     # -- helpers --------------------------------------------------------------------------------
-    def _combine(self, ctx: BalancingContext, jacobian: Tensor, head_grads: Tensor, loss_vector: Tensor,
+    def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], head_grads: list[Tensor], loss_vector: Tensor,
                  scale: Optional[Tensor], shared: list[nn.Parameter], heads: list[list[nn.Parameter]]) -> None:
         """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring)."""
-        names = ctx.task_names
-        accumulate = ctx.accumulate_grad_batches
-        t = len(names)
+        head_params = [p for h in heads for p in h]
         if self.mode == "param":
-            self._accumulate(torch.cat([jacobian.reshape(-1), head_grads, loss_vector.to(jacobian.dtype)]) / accumulate)
-            if ctx.is_last_microbatch:
-                total = ctx.reduce_mean(self._buffer)
-                self._buffer = None
-                n = jacobian.numel()
-                jacobian = total[:n].view(t, -1)
-                head_grads, loss_vector = total[n:-t], total[-t:].float()
-                gramian = self._gramian(jacobian, scale)
-                direction, weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
-                self._write(shared, direction)
-                self._write([p for h in heads for p in h], head_grads)
-                self._last_weights = weights
-        else:
-            local = self._gramian(jacobian, scale)
-            # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
-            summary = ctx.reduce_mean(torch.cat([local.reshape(-1), loss_vector.double()]))
-            gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
-            direction, weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
-            shared_grads = representation_backward(ctx.features, shared, direction)
-            self._accumulate(torch.cat([shared_grads, head_grads]) / accumulate)
-            self._last_weights = weights
-            if ctx.is_last_microbatch:
-                total = ctx.reduce_mean(self._buffer)
-                self._buffer = None
-                n = shared_grads.numel()
-                self._write(shared, total[:n])
-                self._write([p for h in heads for p in h], total[n:])
+            # J, head gradients and losses are averaged over micro-batches and ranks, then aggregated once.
+            total = self._accumulate(ctx, [*jacobian, *head_grads, loss_vector.to(jacobian[0].dtype)])
+            if total is None:
+                return
+            n = len(jacobian)
+            jacobian, head_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
+            direction, self._last_weights = self.aggregate(jacobian, self._gramian(jacobian, scale), loss_vector,
+                                                           scale, ctx)
+            self._write(shared, direction)
+            self._write(head_params, head_grads)
+            return
+        t = len(ctx.task_names)
+        local = self._gramian(jacobian, scale)
+        # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
+        summary = ctx.reduce_mean(torch.cat([local.reshape(-1), loss_vector.double()]))
+        gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
+        shared_grads = representation_backward(ctx.features, shared, direction[0])
+        total = self._accumulate(ctx, [*shared_grads, *head_grads])
+        if total is not None:
+            self._write(shared, total[: len(shared)])
+            self._write(head_params, total[len(shared):])
 
-    def _accumulate(self, values: Tensor) -> None:
-        self._buffer = values if self._buffer is None else self._buffer + values
+    def _accumulate(self, ctx: BalancingContext, tensors: list[Tensor]) -> Optional[list[Tensor]]:
+        """Sum ``tensors`` over the micro-batches of a step; at its last one return their mean over
+        micro-batches and DDP ranks (one all-reduce), else None. Copies only what accumulation or
+        the all-reduce need."""
+        if self._buffer is None:
+            self._buffer = tensors
+        else:
+            for acc, new in zip(self._buffer, tensors):
+                acc.add_(new)
+        if not ctx.is_last_microbatch:
+            return None
+        total, self._buffer = self._buffer, None
+        if ctx.accumulate_grad_batches > 1:
+            for tensor in total:
+                tensor.div_(ctx.accumulate_grad_batches)
+        if ctx.world_size > 1:
+            flat = ctx.reduce_mean(torch.cat([x.reshape(-1) for x in total]))
+            total = [x.view_as(like) for x, like in zip(flat.split([x.numel() for x in total]), total)]
+        return total
 
     @staticmethod
-    def _gramian(jacobian: Tensor, scale: Optional[Tensor]) -> Tensor:
-        gramian = (jacobian @ jacobian.T).double()
+    def _gramian(jacobian: list[Tensor], scale: Optional[Tensor]) -> Tensor:
+        """M = JJᵀ of the unscaled gradients, summed block by block (no T×P concatenation)."""
+        gramian = sum(b.reshape(b.shape[0], -1) @ b.reshape(b.shape[0], -1).T for b in jacobian).double()
         return gramian if scale is None else gramian / scale.double() ** 2
 
     @staticmethod
-    def _write(params: list[torch.nn.Parameter], flat: Tensor) -> None:
-        """Add ``flat`` into the ``.grad`` of ``params`` (other contributions, e.g. R(θ), are kept)."""
-        for p, g in zip(params, unflatten_into(flat, params)):
+    def _write(params: list[nn.Parameter], grads: list[Tensor]) -> None:
+        """Add ``grads`` into the ``.grad`` of ``params`` (other contributions, e.g. R(θ), are kept)."""
+        for p, g in zip(params, grads):
+            g = g.view_as(p)
             if p.grad is None:
-                p.grad = g.to(p.dtype).clone()
+                p.grad = g.to(p.dtype) if g.is_contiguous() else g.contiguous().to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
 

@@ -33,27 +33,33 @@ class DBMTL(GradientBalancer):
             raise ValueError(f"DBMTL: beta must be in [0, 1], got {beta}.")
         self.beta = beta
         self.beta_sigma = beta_sigma
-        self.average: Optional[Tensor] = None
+        self.average: Optional[list[Tensor]] = None
         self.steps = 0
 
-    def aggregate(self, jacobian: Tensor, gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
-                  ctx: BalancingContext) -> tuple[Tensor, Tensor]:
-        unscaled = jacobian if scale is None else jacobian / scale.to(jacobian.dtype)
-        log_grads = unscaled / (losses.to(jacobian.dtype) + 1e-8).unsqueeze(1)
+    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
+        inverse = 1.0 / (losses.to(jacobian[0].dtype) + 1e-8)
+        if scale is not None:
+            inverse = inverse / scale.to(inverse.dtype)
+        log_grads = [block * inverse.view(-1, *([1] * (block.dim() - 1))) for block in jacobian]
         self.steps += 1
         if self.average is None or self.steps == 1:
             average = log_grads
         else:
             beta = self.beta / self.steps**self.beta_sigma
-            average = log_grads + beta * (self.average.to(log_grads) - log_grads)
+            average = [g + beta * (old.to(g) - g) for g, old in zip(log_grads, self.average)]
         if self.average is not None:
             # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average.
-            average = torch.where(torch.isfinite(average).all(), average, self.average.to(average))
+            finite = torch.stack([torch.isfinite(a).all() for a in average]).all()
+            average = [torch.where(finite, a, old.to(a)) for a, old in zip(average, self.average)]
         self.average = average
-        norms = average.norm(dim=1)
+        norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in average).sqrt()
         weights = norms.max() / (norms + 1e-8)
-        direction = weights @ average
-        return (direction if scale is None else direction * scale.to(direction.dtype)), weights
+        if scale is not None:
+            weights_scaled = weights * scale.to(weights.dtype)
+        else:
+            weights_scaled = weights
+        return [torch.tensordot(weights_scaled, a, dims=1) for a in average], weights
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average, "steps": self.steps}

@@ -98,11 +98,8 @@ def _batched_or_looped_vjp(output: Tensor, inputs: Sequence[Tensor], cotangents:
     return [torch.stack(r) for r in rows]
 
 
-def _flat(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
-    parts = [(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, like)]
-    if not parts:
-        return torch.zeros(0)
-    return torch.cat(parts)
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
 
 
 def per_task_gradients(
@@ -112,21 +109,23 @@ def per_task_gradients(
     heads: Sequence[Sequence[Tensor]],
     mode: str = "param",
     batched: bool = True,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[list[Tensor], list[Tensor]]:
     """The per-task Jacobian and every head's gradient of its own loss, in one pass.
 
     Each task's loss is differentiated w.r.t. the shared representation ``features`` and its own head
     (``heads[t]``) only, so task t's backward touches head t alone. Then
 
     * ``mode="param"``: the T rows ∂L_t/∂z go through the encoder in one batched backward (or a loop of
-      T), giving the T×P Jacobian w.r.t. ``shared``;
-    * ``mode="rep"``: the Jacobian is ∂L_t/∂z itself, T×(numel of z); the encoder is not touched (the
-      caller backpropagates the aggregated direction once, see :func:`representation_backward`).
+      T), giving the Jacobian w.r.t. ``shared``: one ``(T, *p.shape)`` block per shared parameter;
+    * ``mode="rep"``: the Jacobian is ∂L_t/∂z itself, one ``(T, *z.shape)`` block; the encoder is not
+      touched (the caller backpropagates the aggregated direction once, see
+      :func:`representation_backward`).
 
     When ``features`` is not a tensor (per-task features) param mode differentiates the losses directly.
+    The blocks are not concatenated (no T×P copy): :func:`flatten_jacobian` gives the T×P matrix.
 
-    Returns ``(jacobian (T, N), head_gradients)``, the latter the flat concatenation over tasks of
-    ∂L_t/∂(head t parameters), unweighted.
+    Returns ``(jacobian_blocks, head_gradients)``, the latter ∂L_t/∂(head t parameters), unweighted,
+    for every task's head parameters in order.
     """
     if mode not in ("param", "rep"):
         raise ValueError(f"mode must be 'param' or 'rep', got {mode!r}.")
@@ -137,23 +136,22 @@ def per_task_gradients(
                 "Representation mode needs the encoder to return one feature tensor shared by every head; "
                 f"it returned {type(features).__name__}. Use mode='param'."
             )
-        head_flat = torch.cat([_flat(torch.autograd.grad(l, list(h), retain_graph=True, allow_unused=True), h)
-                               for l, h in zip(losses, heads)])
-        return flatten_jacobian(task_jacobian(losses, shared, batched=batched, retain_graph=False)), head_flat
-    rows, head_parts = [], []
+        head_grads = [g for l, h in zip(losses, heads)
+                      for g in _zeros_for_none(torch.autograd.grad(l, list(h), retain_graph=True, allow_unused=True), h)]
+        return task_jacobian(losses, shared, batched=batched, retain_graph=False), head_grads
+    rows, head_grads = [], []
     for loss, head in zip(losses, heads):
         grads = torch.autograd.grad(loss, [features, *head], retain_graph=True, allow_unused=True)
         rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
-        head_parts.append(_flat(grads[1:], head))
+        head_grads.extend(_zeros_for_none(grads[1:], head))
     cotangents = torch.stack(rows)
-    head_flat = torch.cat(head_parts) if head_parts else features.new_zeros(0)
     if mode == "rep":
-        return cotangents.reshape(len(losses), -1), head_flat
-    return flatten_jacobian(_batched_or_looped_vjp(features, list(shared), cotangents, batched)), head_flat
+        return [cotangents], head_grads
+    return _batched_or_looped_vjp(features, list(shared), cotangents, batched), head_grads
 
 
-def representation_backward(features: Tensor, shared: Sequence[Tensor], direction: Tensor) -> Tensor:
-    """Flat gradient of ⟨direction, features⟩ w.r.t. ``shared``: the single encoder backward of rep mode."""
+def representation_backward(features: Tensor, shared: Sequence[Tensor], direction: Tensor) -> list[Tensor]:
+    """Gradient of ⟨direction, features⟩ w.r.t. each of ``shared``: the single encoder backward of rep mode."""
     grads = torch.autograd.grad(features, list(shared), grad_outputs=direction.view_as(features).to(features.dtype),
                                 allow_unused=True)
-    return _flat(grads, shared)
+    return _zeros_for_none(grads, shared)

@@ -33,11 +33,11 @@ class GradDrop(GradientBalancer):
         self.leak = leak
         self.generator = Generator(seed)
 
-    def aggregate(self, jacobian: Tensor, gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
-                  ctx: BalancingContext) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
         features = ctx.features
-        t = jacobian.shape[0]
-        per_sample = jacobian.view(t, *features.shape)
+        (per_sample,) = jacobian  # (T, *z.shape): rep mode's single block
+        t = per_sample.shape[0]
         signed = (per_sample * features.detach().sign().to(per_sample.dtype)).sum(1)  # (T, *feature shape)
         signed = ctx.reduce_mean(signed)  # scale-free: the mean over ranks gives the same P as the sum
         purity = 0.5 * (1 + signed.sum(0) / (signed.abs().sum(0) + 1e-7))
@@ -46,7 +46,7 @@ class GradDrop(GradientBalancer):
         masks = ((purity > uniform) & (signed > 0)) | ((purity < uniform) & (signed < 0))
         keep = self.leak + (1 - self.leak) * masks.to(per_sample.dtype)
         direction = (per_sample * keep.unsqueeze(1)).sum(0)
-        return direction.reshape(-1), keep.reshape(t, -1).mean(1)
+        return [direction], keep.reshape(t, -1).mean(1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.state()}
