@@ -18,7 +18,7 @@ from mtl_lightning.gradients import (
 
 def direction(method, jac, losses=None):
     """The aggregated direction d = Jᵀw of a Gramian weighting method (float64)."""
-    jac = torch.as_tensor(np.asarray(jac), dtype=torch.float64)
+    jac = torch.tensor(np.asarray(jac), dtype=torch.float64)  # a copy: aggregate may work in place
     losses = torch.ones(jac.shape[0], dtype=torch.float64) if losses is None else torch.as_tensor(losses)
     (d,), _ = method.aggregate([jac], jac @ jac.T, losses, None, None)
     return d.numpy()
@@ -267,7 +267,7 @@ def test_db_mtl_under_loss_scale_equals_unscaled():
     jac, losses = random_jacobian(3, p=5, seed=1), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
     j = torch.tensor(jac)
     scale = torch.tensor(1024.0, dtype=torch.float64)
-    (d_plain,), _ = DBMTL().aggregate([j], j @ j.T, losses, None, None)
+    (d_plain,), _ = DBMTL().aggregate([j.clone()], j @ j.T, losses, None, None)
     (d_scaled,), _ = DBMTL().aggregate([j * scale], j @ j.T, losses, scale, None)
     torch.testing.assert_close(d_scaled / scale, d_plain)
 

@@ -23,6 +23,15 @@ from mtl_lightning.tasks import ClassificationTask
 HERE = Path(__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is faster; restore the setting for the rest of the session."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
@@ -48,7 +57,6 @@ def test_ddp_two_processes_on_half_batches_equal_one_process(ddp_results, method
 
 @pytest.mark.parametrize("method", PARAM_MODE)
 def test_param_mode_accumulation_equals_the_full_batch(method):
-    torch.set_num_threads(1)
     batches = make_batches(3, 16)
     full = train(METHODS[method](), batches)
     accumulated = train(METHODS[method](), interleave_halves(batches), accumulate=2)
@@ -57,7 +65,6 @@ def test_param_mode_accumulation_equals_the_full_batch(method):
 
 @pytest.mark.parametrize("method", ["PCGrad", "GradVac", "GradDrop", "NashMTL", "DBMTL"])
 def test_stateful_methods_resume_exactly(method, tmp_path):
-    torch.set_num_threads(1)
     batches = make_batches(2, 16)  # two steps per epoch
     straight = make_module()
     quiet_trainer(callbacks=[METHODS[method]()], max_epochs=2).fit(straight, loader(batches))
@@ -81,7 +88,6 @@ def _fp16(scale: float) -> MixedPrecision:
 
 @pytest.mark.parametrize("method", [FairGrad, DBMTL, IMTLG, NashMTL, GradDrop])
 def test_fp16_loss_scale_does_not_change_scale_dependent_methods(method):
-    torch.set_num_threads(1)
     batches = make_batches(3, 16)
     unit = train(method(), batches, plugins=[_fp16(1.0)])
     scaled = train(method(), batches, plugins=[_fp16(2.0**12)])
@@ -89,7 +95,6 @@ def test_fp16_loss_scale_does_not_change_scale_dependent_methods(method):
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
-    torch.set_num_threads(1)
     module = make_module()
     before = flat_parameters(module)
     plugin = _fp16(2.0**126)
@@ -99,7 +104,6 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
 
 
 def test_missing_task_in_a_batch_names_it():
-    torch.set_num_threads(1)
     batch = make_batches(1, 8)[0]
     batch["b"] = torch.full_like(batch["b"], -100)  # no labelled sample for task b
     with pytest.raises(ValueError, match=r"PCGrad needs the loss of every task.*\['b'\]"):
@@ -110,7 +114,6 @@ def test_missing_task_in_a_batch_names_it():
 @pytest.mark.parametrize("method", [lambda: NashMTL(), lambda: MGDA(mode="rep"), lambda: GradVac()],
                          ids=["NashMTL", "MGDA-UB", "GradVac"])
 def test_gradient_method_learns_multidigits(method):
-    torch.set_num_threads(1)
     pl.seed_everything(0)
     module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
                                                ClassificationTask(name="right", num_classes=10)],
@@ -120,3 +123,15 @@ def test_gradient_method_learns_multidigits(method):
     trainer.fit(module, data)
     result = trainer.validate(module, data, verbose=False)[0]
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
+
+
+def test_cli_runs_a_gradient_method_from_yaml():
+    from mtl_lightning.cli import MTLCLI
+
+    root = HERE.parent / "experiments" / "multidigits"
+    cli = MTLCLI(args=["fit", "--config", str(root / "ew.yaml"), "--config", str(root / "nash_mtl.yaml"),
+                       "--trainer.fast_dev_run=2", "--trainer.logger=false", "--data.init_args.num_train=256",
+                       "--trainer.enable_progress_bar=false"])
+    (method,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, NashMTL)]
+    assert method.mode == "param" and method.max_norm == 1.0
+    assert method.steps == 2 and method.alpha is not None and bool((method.alpha > 0).all())

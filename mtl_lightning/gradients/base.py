@@ -72,7 +72,8 @@ class GradientBalancer(BalancingMethod):
 
         ``jacobian`` is a list of blocks ``(T, *shape)`` (one per shared parameter in param mode, the
         representation in rep mode), ×``scale`` under fp16 loss scaling; the direction is one tensor
-        of ``shape`` per block, in the same (scaled) space. Default: d = Jᵀw with w = :meth:`weights`.
+        of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
+        modified in place. Default: d = Jᵀw with w = :meth:`weights`.
         """
         w = self.weights(gramian, losses)
         return [torch.tensordot(w.to(block.dtype), block, dims=1) for block in jacobian], w
@@ -155,7 +156,8 @@ class GradientBalancer(BalancingMethod):
     @staticmethod
     def _gramian(jacobian: list[Tensor], scale: Optional[Tensor]) -> Tensor:
         """M = JJᵀ of the unscaled gradients, summed block by block (no T×P concatenation)."""
-        gramian = sum(b.reshape(b.shape[0], -1) @ b.reshape(b.shape[0], -1).T for b in jacobian).double()
+        flat = [b.reshape(b.shape[0], -1).float() for b in jacobian]  # bf16 representation gradients: upcast
+        gramian = sum(f @ f.T for f in flat).double()
         return gramian if scale is None else gramian / scale.double() ** 2
 
     @staticmethod

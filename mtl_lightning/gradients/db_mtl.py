@@ -38,28 +38,26 @@ class DBMTL(GradientBalancer):
 
     def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
+        # The blocks are this step's own buffers: turned into ∇log L_t in place (no T×P copies).
         inverse = 1.0 / (losses.to(jacobian[0].dtype) + 1e-8)
         if scale is not None:
             inverse = inverse / scale.to(inverse.dtype)
-        log_grads = [block * inverse.view(-1, *([1] * (block.dim() - 1))) for block in jacobian]
+        log_grads = [block.mul_(inverse.view(-1, *([1] * (block.dim() - 1)))) for block in jacobian]
         self.steps += 1
         if self.average is None or self.steps == 1:
-            average = log_grads
+            self.average = log_grads
         else:
-            beta = self.beta / self.steps**self.beta_sigma
-            average = [g + beta * (old.to(g) - g) for g, old in zip(log_grads, self.average)]
-        if self.average is not None:
             # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average.
-            finite = torch.stack([torch.isfinite(a).all() for a in average]).all()
-            average = [torch.where(finite, a, old.to(a)) for a, old in zip(average, self.average)]
-        self.average = average
-        norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in average).sqrt()
+            finite = torch.stack([torch.isfinite(g).all() for g in log_grads]).all()
+            keep = (self.beta / self.steps**self.beta_sigma) * torch.ones((), dtype=log_grads[0].dtype,
+                                                                          device=log_grads[0].device)
+            keep = torch.where(finite, keep, torch.ones_like(keep))
+            for average, g in zip(self.average, log_grads):
+                average.mul_(keep).add_(g.nan_to_num_(0.0, 0.0, 0.0) * (1 - keep))
+        norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in self.average).sqrt()
         weights = norms.max() / (norms + 1e-8)
-        if scale is not None:
-            weights_scaled = weights * scale.to(weights.dtype)
-        else:
-            weights_scaled = weights
-        return [torch.tensordot(weights_scaled, a, dims=1) for a in average], weights
+        scaled = weights if scale is None else weights * scale.to(weights.dtype)
+        return [torch.tensordot(scaled, a, dims=1) for a in self.average], weights
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average, "steps": self.steps}
