@@ -78,10 +78,37 @@ class BalancingContext:
         with torch.no_grad():
             return self._module.compute_losses(self.batch)[2]
 
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Micro-batches per optimizer step (gradients written directly must be divided by it)."""
+        return self._module.accumulate_grad_batches
+
+    @property
+    def loss_scale(self) -> Optional[Tensor]:
+        """The fp16 GradScaler's current scale S as a device tensor, or None without loss scaling.
+
+        Gradients written directly into ``.grad`` must be in scaled space (×S) so that the optimizer
+        step's unscale and inf/NaN skip still work.
+        """
+        scaler = getattr(self._module.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        ref = next(iter(self.losses.values()))
+        # scale() initialises the scaler's scale tensor lazily (needed by its unscale_ in step()).
+        return scaler.scale(torch.ones((), device=ref.device, dtype=torch.float32))
+
+    def no_sync(self) -> Any:
+        """Context manager that keeps DDP from all-reducing gradients during backward passes."""
+        return self._module._sync_context(False)
+
     # -- distributed --------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
         return self._module.trainer.world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self._module.trainer.global_rank
 
     def reduce_mean(self, tensor: Tensor) -> Tensor:
         """Mean of ``tensor`` over all DDP ranks (identity on one process)."""

@@ -1,5 +1,29 @@
-"""Per-task gradients: the shared Jacobian engine and the gradient balancing methods built on it."""
+"""Per-task gradients: the shared Jacobian engine and the gradient balancing methods built on it.
 
-from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian, unflatten_into
+Every method is a Lightning callback (configure one under ``trainer.callbacks``)."""
 
-__all__ = ["task_jacobian", "flatten_jacobian", "unflatten_into"]
+from mtl_lightning.gradients.aligned_mtl import AlignedMTL
+from mtl_lightning.gradients.base import GradientBalancer
+from mtl_lightning.gradients.cagrad import CAGrad
+from mtl_lightning.gradients.db_mtl import DBMTL
+from mtl_lightning.gradients.engine import (
+    flatten_jacobian,
+    per_task_gradients,
+    representation_backward,
+    task_jacobian,
+    unflatten_into,
+)
+from mtl_lightning.gradients.fairgrad import FairGrad
+from mtl_lightning.gradients.graddrop import GradDrop
+from mtl_lightning.gradients.gradvac import GradVac
+from mtl_lightning.gradients.imtl_g import IMTLG
+from mtl_lightning.gradients.mgda import MGDA
+from mtl_lightning.gradients.nash_mtl import NashMTL
+from mtl_lightning.gradients.pcgrad import PCGrad
+from mtl_lightning.gradients.upgrad import UPGrad
+
+__all__ = [
+    "task_jacobian", "flatten_jacobian", "unflatten_into", "per_task_gradients", "representation_backward",
+    "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
+    "UPGrad", "DBMTL", "FairGrad",
+]

@@ -72,3 +72,86 @@ def unflatten_into(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     if start != vector.numel():
         raise ValueError(f"Vector of {vector.numel()} values does not match tensors holding {start}.")
     return out
+
+
+def _batched_or_looped_vjp(output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, batched: bool) -> list[Tensor]:
+    """(T, *x.shape) gradients of ⟨cotangents[t], output⟩ w.r.t. each ``x`` in ``inputs``: one vmapped
+    backward when ``batched`` (falling back to a loop where autograd cannot batch), else T backwards."""
+    count = cotangents.shape[0]
+    if batched and count > 1:
+        key = f"vjp:{type(output.grad_fn).__name__}"
+        if key not in _BATCHING_FAILURES:
+            try:
+                grads = torch.autograd.grad(
+                    output, inputs, grad_outputs=cotangents, retain_graph=False,
+                    is_grads_batched=True, allow_unused=True,
+                )
+                return [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
+                        for g, x in zip(grads, inputs)]
+            except RuntimeError:
+                _BATCHING_FAILURES.add(key)
+    rows: list[list[Tensor]] = [[] for _ in inputs]
+    for t in range(count):
+        grads = torch.autograd.grad(output, inputs, grad_outputs=cotangents[t], retain_graph=t < count - 1, allow_unused=True)
+        for slot, g, x in zip(rows, grads, inputs):
+            slot.append(torch.zeros_like(x) if g is None else g)
+    return [torch.stack(r) for r in rows]
+
+
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def per_task_gradients(
+    losses: Sequence[Tensor],
+    features: Tensor | None,
+    shared: Sequence[Tensor],
+    heads: Sequence[Sequence[Tensor]],
+    mode: str = "param",
+    batched: bool = True,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The per-task Jacobian and every head's gradient of its own loss, in one pass.
+
+    Each task's loss is differentiated w.r.t. the shared representation ``features`` and its own head
+    (``heads[t]``) only, so task t's backward touches head t alone. Then
+
+    * ``mode="param"``: the T rows ∂L_t/∂z go through the encoder in one batched backward (or a loop of
+      T), giving the Jacobian w.r.t. ``shared``: one ``(T, *p.shape)`` block per shared parameter;
+    * ``mode="rep"``: the Jacobian is ∂L_t/∂z itself, one ``(T, *z.shape)`` block; the encoder is not
+      touched (the caller backpropagates the aggregated direction once, see
+      :func:`representation_backward`).
+
+    When ``features`` is not a tensor (per-task features) param mode differentiates the losses directly.
+    The blocks are not concatenated (no T×P copy): :func:`flatten_jacobian` gives the T×P matrix.
+
+    Returns ``(jacobian_blocks, head_gradients)``, the latter ∂L_t/∂(head t parameters), unweighted,
+    for every task's head parameters in order.
+    """
+    if mode not in ("param", "rep"):
+        raise ValueError(f"mode must be 'param' or 'rep', got {mode!r}.")
+    losses = list(losses)
+    if not isinstance(features, Tensor):
+        if mode == "rep":
+            raise ValueError(
+                "Representation mode needs the encoder to return one feature tensor shared by every head; "
+                f"it returned {type(features).__name__}. Use mode='param'."
+            )
+        head_grads = [g for l, h in zip(losses, heads)
+                      for g in _zeros_for_none(torch.autograd.grad(l, list(h), retain_graph=True, allow_unused=True), h)]
+        return task_jacobian(losses, shared, batched=batched, retain_graph=False), head_grads
+    rows, head_grads = [], []
+    for loss, head in zip(losses, heads):
+        grads = torch.autograd.grad(loss, [features, *head], retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
+        head_grads.extend(_zeros_for_none(grads[1:], head))
+    cotangents = torch.stack(rows)
+    if mode == "rep":
+        return [cotangents], head_grads
+    return _batched_or_looped_vjp(features, list(shared), cotangents, batched), head_grads
+
+
+def representation_backward(features: Tensor, shared: Sequence[Tensor], direction: Tensor) -> list[Tensor]:
+    """Gradient of ⟨direction, features⟩ w.r.t. each of ``shared``: the single encoder backward of rep mode."""
+    grads = torch.autograd.grad(features, list(shared), grad_outputs=direction.view_as(features).to(features.dtype),
+                                allow_unused=True)
+    return _zeros_for_none(grads, shared)

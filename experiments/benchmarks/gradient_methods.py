@@ -1,0 +1,178 @@
+"""Step time and peak memory of every gradient method relative to EW and to the per-task-gradient floor.
+
+    python experiments/benchmarks/gradient_methods.py [--tasks 2 4 8 16] [--repeats 7] [--device cpu|cuda]
+
+Reference workload (issue #4): batch 128 × 256 features, encoder MLP 256→512→512→512 (ReLU), T heads
+Linear(512→10), cross-entropy, SGD, float32, 2 threads.
+
+What is timed, per optimizer step, for every method: the module's forward and task losses
+(``compute_losses``), the balancing callback's ``backward(ctx)`` (engine, all-reduce no-op, solver,
+``.grad`` writing) and ``optimizer.step()`` + ``zero_grad`` — the exact path of
+``MultiTaskModule.training_step`` minus logging, driven outside Lightning's loop on a module that a
+real ``Trainer`` has set up. EW is the same path with :class:`EqualWeighting` (one backward).
+The floor is the bare per-task gradient cost on the same path: forward, a loop of T
+``torch.autograd.grad`` calls on the shared parameters, their mean written into ``.grad``, the step.
+All configurations of one T are interleaved (round-robin) and the median over repeats is reported.
+
+Peak memory: CUDA: ``max_memory_allocated`` over one step above the memory before it; CPU: the peak of
+the cumulative allocations recorded by the PyTorch profiler over one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from mtl_lightning.balancing import BalancingContext, EqualWeighting
+from mtl_lightning.gradients import (
+    CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
+)
+from mtl_lightning.models.encoders import MLP
+from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.tasks import ClassificationTask
+
+METHODS: dict[str, Callable[..., object]] = {
+    "MGDA": MGDA, "PCGrad": PCGrad, "GradVac": GradVac, "GradDrop": GradDrop, "CAGrad": CAGrad,
+    "NashMTL": NashMTL, "IMTLG": IMTLG, "AlignedMTL": AlignedMTL, "UPGrad": UPGrad, "DBMTL": DBMTL,
+    "FairGrad": FairGrad,
+}
+
+
+def build(num_tasks: int, device: str) -> tuple[MultiTaskModule, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    names = [f"t{i}" for i in range(num_tasks)]
+    module = MultiTaskModule(MLP(256, (512, 512, 512)), [ClassificationTask(name=n, num_classes=10) for n in names],
+                             optimizer=partial(torch.optim.SGD, lr=1e-3))
+    batch = {"input": torch.randn(128, 256)}
+    for n in names:
+        batch[n] = torch.randint(10, (128,))
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accelerator="gpu" if device == "cuda" else "cpu", devices=1)
+    trainer.fit(module, DataLoader([batch], batch_size=None))  # sets up strategy, precision, optimizer
+    return module, {k: v.to(module.device) for k, v in batch.items()}
+
+
+def make_step(module: MultiTaskModule, batch: dict[str, torch.Tensor], balancer: object) -> Callable[[], None]:
+    optimizer = module.trainer.optimizers[0]
+    balancer.setup(module.trainer, module, "fit")
+
+    def step() -> None:
+        features, _, losses = module.compute_losses(batch, "train")
+        ctx = BalancingContext(losses=losses, task_names=module.task_names, features=features, batch=batch,
+                               global_step=0, epoch=0, is_last_microbatch=True, _module=module)
+        balancer.backward(ctx)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_floor(module: MultiTaskModule, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    optimizer = module.trainer.optimizers[0]
+    shared = module.shared_parameters()
+
+    def step() -> None:
+        _, _, losses = module.compute_losses(batch, "train")
+        values = list(losses.values())
+        grads = [torch.autograd.grad(l, shared, retain_graph=i < len(values) - 1) for i, l in enumerate(values)]
+        for p, *per_task in zip(shared, *grads):
+            p.grad = torch.stack(per_task).mean(0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_memory(step: Callable[[], None], device: str) -> float:
+    """Peak bytes allocated during one step, above the allocation level before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # Each op's own allocations (and the frees reported as "[memory]" events) in time order.
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return float(peak)
+
+
+def run(tasks: list[int], repeats: int, device: str) -> list[dict[str, object]]:
+    rows = []
+    for t in tasks:
+        module, batch = build(t, device)
+        configs: dict[tuple[str, str], Callable[[], None]] = {
+            ("EW", "-"): make_step(module, batch, EqualWeighting()),
+            ("floor", "-"): make_floor(module, batch),
+        }
+        for name, cls in METHODS.items():
+            modes = cls.supported_modes
+            if "param" in modes:
+                configs[(name, "param/batched")] = make_step(module, batch, cls(mode="param", batched=True))
+                configs[(name, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
+            if "rep" in modes:
+                configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
+        for k, step in configs.items():  # warm-up
+            step()
+            step()
+        for _ in range(repeats):
+            for k, step in configs.items():
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[k].append(time.perf_counter() - start)
+        memory = {k: peak_memory(step, device) for k, step in configs.items()}
+        ew, floor = statistics.median(times[("EW", "-")]), statistics.median(times[("floor", "-")])
+        for (name, mode), samples in times.items():
+            median = statistics.median(samples)
+            rows.append({"T": t, "method": name, "mode": mode, "ms": 1e3 * median, "x_ew": median / ew,
+                         "x_floor": median / floor, "mem_x_ew": memory[(name, mode)] / max(memory[("EW", "-")], 1.0)})
+    return rows
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    lines = ["| T | method | mode | step ms | × EW | × floor | peak mem × EW | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"].startswith("param"):
+            target = "ok (≤1.15× floor)" if r["x_floor"] <= 1.15 else "MISSED (>1.15× floor)"
+        elif r["mode"] == "rep":
+            target = "ok (≤1.3× EW)" if r["x_ew"] <= 1.3 else "MISSED (>1.3× EW)"
+        else:
+            target = ""
+        lines.append(f"| {r['T']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['x_ew']:.2f} | "
+                     f"{r['x_floor']:.2f} | {r['mem_x_ew']:.2f} | {target} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"device={args.device} threads={args.threads} torch={torch.__version__}")
+    print(table(run(args.tasks, args.repeats, args.device)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Aligned-MTL: align the task gradients into a well-conditioned system (Senushkin et al., arXiv 2305.19000)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.gradients.base import GradientBalancer
+
+
+class AlignedMTL(GradientBalancer):
+    """M = VΛVᵀ (eigenvalues above tol kept), B = √λ_min · VΛ^{−½}Vᵀ, α = B1, d = Σ α_t g_t.
+
+    The aligned gradient system BJ has condition number 1 on its range. tol follows the official code:
+    λ_max · T · eps of the gradients' dtype.
+    """
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        return self.balance_matrix(gramian).sum(0)
+
+    @staticmethod
+    def balance_matrix(gramian: Tensor) -> Tensor:
+        """B, symmetric: the aligned task gradients are the rows of BJ."""
+        eigenvalues, vectors = torch.linalg.eigh(gramian)
+        tol = eigenvalues.max() * gramian.shape[0] * torch.finfo(torch.float32).eps
+        keep = eigenvalues > tol
+        inv_sqrt = torch.where(keep, eigenvalues.clamp_min(1e-300).rsqrt(), torch.zeros_like(eigenvalues))
+        smallest = torch.where(keep, eigenvalues, torch.full_like(eigenvalues, float("inf"))).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest, torch.zeros_like(smallest))
+        return smallest.sqrt() * (vectors * inv_sqrt) @ vectors.T

@@ -1,0 +1,203 @@
+"""The base class of gradient balancing methods: engine call, DDP averaging, AMP scale, ``.grad`` writing.
+
+A gradient method only decides how T task gradients become one direction. Following TorchJD, the
+decision is split from its application: most methods are a *weighting* — a function of the T×T
+Gramian M = JJᵀ (and the task losses) returning weights w, applied as d = Jᵀw — and the few that
+need J itself (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
+
+Semantics shared by every method (see ``docs/balancing-gradient.md``):
+
+* **Heads** receive their own task's unweighted gradient ∂L_t/∂head_t (as TorchJD and LibMTL).
+* **param mode**: J w.r.t. the shared parameters. Under gradient accumulation J (and the head
+  gradients and losses) are averaged over the micro-batches and aggregated once, at the optimizer
+  step. Under DDP they are averaged over ranks with one explicit all-reduce first, so every rank
+  aggregates the same global J — the update one process computes on the union batch.
+* **rep mode**: J w.r.t. the shared representation z (MGDA-UB). Each micro-batch is aggregated on
+  its own (z differs between micro-batches); under DDP the Gramian is the global one (local Gramians
+  all-reduced), the direction for z is applied locally through the encoder, and the resulting
+  parameter gradients are averaged over ranks like in param mode.
+* **fp16 loss scaling**: gradients are computed on S·L (no underflow); methods see M of the
+  unscaled J/S; the final gradient is written back ×S, so ``unscale_`` and the inf/NaN skip of the
+  optimizer step work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.gradients.engine import per_task_gradients, representation_backward
+
+MODES = ("param", "rep")
+
+
+class GradientBalancer(BalancingMethod):
+    """A balancing method that combines the per-task gradients of every step.
+
+    Args:
+        mode: ``"param"`` (Jacobian w.r.t. the shared parameters) or ``"rep"`` (w.r.t. the shared
+            representation: one encoder backward, T head backwards; MGDA-UB's approximation).
+        batched: Compute the T encoder backward passes of param mode as one vmapped backward
+            (``is_grads_batched``), falling back to a loop where autograd cannot batch.
+    """
+
+    needs_all_tasks_per_step: ClassVar[bool] = True
+    #: The modes the method supports; the first is the default.
+    supported_modes: ClassVar[tuple[str, ...]] = MODES
+
+    def __init__(self, mode: Optional[str] = None, batched: bool = True) -> None:
+        super().__init__()
+        mode = self.supported_modes[0] if mode is None else mode
+        if mode not in self.supported_modes:
+            raise ValueError(
+                f"{self.name}: mode={mode!r} is not supported; choose one of {list(self.supported_modes)}."
+            )
+        self.mode = mode
+        self.batched = bool(batched)
+        self._buffer: Optional[list[Tensor]] = None
+        self._last_weights: Optional[Tensor] = None
+
+    # -- what a method implements ---------------------------------------------------------------
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """Weights w (T,) of the task gradients from the Gramian of the *unscaled* gradients and the
+        (rank-averaged) task losses. The update is Σ_t w_t g_t."""
+        raise NotImplementedError
+
+    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
+        """The direction and the effective weight of each task.
+
+        ``jacobian`` is a list of blocks ``(T, *shape)`` (one per shared parameter in param mode, the
+        representation in rep mode), ×``scale`` under fp16 loss scaling; the direction is one tensor
+        of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
+        modified in place. Default: d = Jᵀw with w = :meth:`weights`.
+        """
+        w = self.weights(gramian, losses)
+        return [torch.tensordot(w.to(block.dtype), block, dims=1) for block in jacobian], w
+
+    # -- the contract ---------------------------------------------------------------------------
+    def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
+        names = list(ctx.task_names)
+        missing = [n for n in names if n not in ctx.losses]
+        if missing:
+            raise ValueError(
+                f"{self.name} needs the loss of every task at every step, but task(s) {missing} have no "
+                "labelled sample in this micro-batch. Use batches where every task is labelled, or a "
+                "loss-weighting method."
+            )
+        scale = ctx.loss_scale
+        losses = [ctx.losses[n] for n in names]
+        loss_vector = torch.stack([l.detach().float() for l in losses])
+        scaled = [l * scale for l in losses] if scale is not None else losses
+        shared = ctx.shared_parameters()
+        heads = [ctx.task_parameters(n) for n in names]
+        with ctx.no_sync():
+            jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched)
+        # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
+        with torch.autocast(loss_vector.device.type, enabled=False):
+            self._combine(ctx, jacobian, head_grads, loss_vector, scale, shared, heads)
+        last = self._last_weights
+        if last is None:
+            return {}
+        return {name: last[i].detach().float() for i, name in enumerate(names)}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], head_grads: list[Tensor], loss_vector: Tensor,
+                 scale: Optional[Tensor], shared: list[nn.Parameter], heads: list[list[nn.Parameter]]) -> None:
+        """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring)."""
+        head_params = [p for h in heads for p in h]
+        if self.mode == "param":
+            # J, head gradients and losses are averaged over micro-batches and ranks, then aggregated once.
+            total = self._accumulate(ctx, [*jacobian, *head_grads, loss_vector.to(jacobian[0].dtype)])
+            if total is None:
+                return
+            n = len(jacobian)
+            jacobian, head_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
+            direction, self._last_weights = self.aggregate(jacobian, self._gramian(jacobian, scale), loss_vector,
+                                                           scale, ctx)
+            self._write(shared, direction)
+            self._write(head_params, head_grads)
+            return
+        t = len(ctx.task_names)
+        local = self._gramian(jacobian, scale)
+        # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
+        summary = ctx.reduce_mean(torch.cat([local.reshape(-1), loss_vector.double()]))
+        gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
+        shared_grads = representation_backward(ctx.features, shared, direction[0])
+        total = self._accumulate(ctx, [*shared_grads, *head_grads])
+        if total is not None:
+            self._write(shared, total[: len(shared)])
+            self._write(head_params, total[len(shared):])
+
+    def _accumulate(self, ctx: BalancingContext, tensors: list[Tensor]) -> Optional[list[Tensor]]:
+        """Sum ``tensors`` over the micro-batches of a step; at its last one return their mean over
+        micro-batches and DDP ranks (one all-reduce), else None. Copies only what accumulation or
+        the all-reduce need."""
+        if self._buffer is None:
+            self._buffer = tensors
+        else:
+            for acc, new in zip(self._buffer, tensors):
+                acc.add_(new)
+        if not ctx.is_last_microbatch:
+            return None
+        total, self._buffer = self._buffer, None
+        if ctx.accumulate_grad_batches > 1:
+            for tensor in total:
+                tensor.div_(ctx.accumulate_grad_batches)
+        if ctx.world_size > 1:
+            flat = ctx.reduce_mean(torch.cat([x.reshape(-1) for x in total]))
+            total = [x.view_as(like) for x, like in zip(flat.split([x.numel() for x in total]), total)]
+        return total
+
+    @staticmethod
+    def _gramian(jacobian: list[Tensor], scale: Optional[Tensor]) -> Tensor:
+        """M = JJᵀ of the unscaled gradients, summed block by block (no T×P concatenation)."""
+        flat = [b.reshape(b.shape[0], -1).float() for b in jacobian]  # bf16 representation gradients: upcast
+        gramian = sum(f @ f.T for f in flat).double()
+        return gramian if scale is None else gramian / scale.double() ** 2
+
+    @staticmethod
+    def _write(params: list[nn.Parameter], grads: list[Tensor]) -> None:
+        """Add ``grads`` into the ``.grad`` of ``params`` (other contributions, e.g. R(θ), are kept)."""
+        for p, g in zip(params, grads):
+            g = g.view_as(p)
+            if p.grad is None:
+                p.grad = g.to(p.dtype) if g.is_contiguous() else g.contiguous().to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+class Generator:
+    """A torch random generator on the data's device, created lazily from ``seed``, whose state is
+    checkpointed (methods with randomness: PCGrad's order, GradVac's order, GradDrop's U)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generator: Optional[torch.Generator] = None
+        self._pending_state: Optional[Tensor] = None
+
+    def get(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if self._pending_state is not None:
+                self._generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self._generator
+
+    def state(self) -> Optional[Tensor]:
+        return self._generator.get_state() if self._generator is not None else self._pending_state
+
+    def load(self, state: Optional[Tensor]) -> None:
+        self._generator = None
+        self._pending_state = state

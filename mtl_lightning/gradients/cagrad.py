@@ -1,0 +1,40 @@
+"""CAGrad: conflict-averse gradient descent (Liu et al., arXiv 2110.14048)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.gradients.base import GradientBalancer
+from mtl_lightning.gradients.solvers import cagrad_simplex_weights
+
+
+class CAGrad(GradientBalancer):
+    """w* = argmin_{w∈Δ} wᵀM1/T + c√(wᵀMw) with c = c_α‖g_0‖; d = (g_0 + c/‖g_w‖ g_w)/(1 + c_α²).
+
+    Args:
+        c: c_α, the radius of the ball around the average gradient, relative to ‖g_0‖ (0.4 in the
+            official NYUv2 runs, 0.5 on the toy).
+        rescale: divide d by 1 + c_α² (official ``rescale=1``).
+        iterations: projected-gradient iterations of the simplex solver.
+    """
+
+    def __init__(self, c: float = 0.4, rescale: bool = True, iterations: int = 200, mode: Optional[str] = None,
+                 batched: bool = True) -> None:
+        super().__init__(mode, batched)
+        if c < 0:
+            raise ValueError(f"CAGrad: c must be >= 0, got {c}.")
+        self.c = c
+        self.rescale = rescale
+        self.iterations = iterations
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        t = gramian.shape[0]
+        w = cagrad_simplex_weights(gramian, self.c, self.iterations)
+        g0_norm = (gramian.mean().clamp_min(0) + 1e-8).sqrt()
+        gw_norm = (w @ gramian @ w).clamp_min(0).sqrt()
+        lam = self.c * g0_norm / (gw_norm + 1e-8)
+        weights = torch.full_like(w, 1.0 / t) + lam * w
+        return weights / (1 + self.c**2) if self.rescale else weights

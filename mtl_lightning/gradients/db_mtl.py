@@ -1,0 +1,67 @@
+"""DB-MTL: dual-balancing MTL (Lin et al., arXiv 2308.12029)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.balancing.base import BalancingContext
+from mtl_lightning.gradients.base import GradientBalancer
+
+
+class DBMTL(GradientBalancer):
+    """Gradients of log L_t, ĝ_t ← β_k ĝ_t + (1−β_k) ∇log L_t (ĝ = the first gradient at step 1,
+    β_k = β/k^σ), d = Σ_t (max_s ‖ĝ_s‖/‖ĝ_t‖) ĝ_t.
+
+    ∇log L_t = g_t/(L_t + 1e-8) is taken on the rank- and micro-batch-averaged loss, so DDP and
+    accumulation give the single-process update. Param mode only (the moving average lives in
+    parameter space). The moving averages are checkpointed.
+
+    Args:
+        beta: β (official 0.9).
+        beta_sigma: σ (official 0).
+    """
+
+    supported_modes = ("param",)
+
+    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, mode: Optional[str] = None,
+                 batched: bool = True) -> None:
+        super().__init__(mode, batched)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"DBMTL: beta must be in [0, 1], got {beta}.")
+        self.beta = beta
+        self.beta_sigma = beta_sigma
+        self.average: Optional[list[Tensor]] = None
+        self.steps = 0
+
+    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
+        # The blocks are this step's own buffers: turned into ∇log L_t in place (no T×P copies).
+        inverse = 1.0 / (losses.to(jacobian[0].dtype) + 1e-8)
+        if scale is not None:
+            inverse = inverse / scale.to(inverse.dtype)
+        log_grads = [block.mul_(inverse.view(-1, *([1] * (block.dim() - 1)))) for block in jacobian]
+        self.steps += 1
+        if self.average is None or self.steps == 1:
+            self.average = log_grads
+        else:
+            # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average.
+            finite = torch.stack([torch.isfinite(g).all() for g in log_grads]).all()
+            keep = (self.beta / self.steps**self.beta_sigma) * torch.ones((), dtype=log_grads[0].dtype,
+                                                                          device=log_grads[0].device)
+            keep = torch.where(finite, keep, torch.ones_like(keep))
+            for average, g in zip(self.average, log_grads):
+                average.mul_(keep).add_(g.nan_to_num_(0.0, 0.0, 0.0) * (1 - keep))
+        norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in self.average).sqrt()
+        weights = norms.max() / (norms + 1e-8)
+        scaled = weights if scale is None else weights * scale.to(weights.dtype)
+        return [torch.tensordot(scaled, a, dims=1) for a in self.average], weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average, "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.average = state_dict.get("average")
+        self.steps = int(state_dict.get("steps", 0))

@@ -1,0 +1,27 @@
+"""IMTL-G: impartial MTL, the gradient part (Liu et al., ICLR 2021, "Towards Impartial Multi-task Learning")."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.gradients.base import GradientBalancer
+
+
+class IMTLG(GradientBalancer):
+    """Weights α (Σα = 1) making the aggregated gradient's projections on every unit task gradient equal:
+    u_t = g_t/‖g_t‖, D = [g_1 − g_t]_{t≥2}, U = [u_1 − u_t]_{t≥2}, α_{2:T} = g_1Uᵀ(DUᵀ)⁻¹, α_1 = 1 − Σα_{2:T}.
+
+    Computed from the Gramian: g_a·u_b = M_ab/‖g_b‖. Scale-dependent: sees unscaled gradients under fp16.
+    """
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        t = gramian.shape[0]
+        if t == 1:
+            return torch.ones(1, dtype=gramian.dtype, device=gramian.device)
+        norms = gramian.diagonal().clamp_min(1e-30).sqrt()
+        a = gramian / norms  # a[i, j] = g_i · u_j
+        g1_u = a[0, 0] - a[0, 1:]  # g_1 · (u_1 − u_j)
+        du = a[0, 0] - a[0, 1:].unsqueeze(0) - a[1:, 0].unsqueeze(1) + a[1:, 1:]
+        rest = torch.linalg.solve(du.T, g1_u)
+        return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])

@@ -1,0 +1,41 @@
+"""PCGrad: project each task gradient off the gradients it conflicts with (Yu et al., arXiv 2001.06782)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.gradients.base import Generator, GradientBalancer
+
+
+class PCGrad(GradientBalancer):
+    """For each i, for j in a random order: if g_i^PC·g_j < 0, g_i^PC −= (g_i^PC·g_j/‖g_j‖²) g_j; d = Σ_i g_i^PC.
+
+    Computed on the Gramian: g_i^PC = Σ_k C_ik g_k, so every dot product is a row of C M and the
+    update is d = Jᵀ(Σ_i C_i) — identical to the vector form, without touching the T×P Jacobian.
+    The random orders come from a checkpointed generator (``seed``), identical on every DDP rank.
+    """
+
+    def __init__(self, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
+        super().__init__(mode, batched)
+        self.generator = Generator(seed)
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        t = gramian.shape[0]
+        orders = torch.argsort(torch.rand((t, t), generator=self.generator.get(gramian.device), device=gramian.device), dim=1)
+        coeffs = torch.eye(t, dtype=gramian.dtype, device=gramian.device)
+        rows = torch.arange(t, device=gramian.device)
+        sq_norms = gramian.diagonal().clamp_min(1e-30)
+        for k in range(t):
+            j = orders[:, k]
+            dots = (coeffs * gramian[:, j].T).sum(1)  # g_i^PC · g_j for every i
+            coeffs[rows, j] -= torch.where(dots < 0, dots / sq_norms[j], torch.zeros_like(dots))
+        return coeffs.sum(0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generator.load(state_dict.get("generator"))

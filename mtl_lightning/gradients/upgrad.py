@@ -1,0 +1,39 @@
+"""UPGrad: unconflicting projection of gradients (Quinton & Rey, arXiv 2406.16232; TorchJD)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mtl_lightning.gradients.base import GradientBalancer
+from mtl_lightning.gradients.solvers import dual_cone_weights
+
+
+class UPGrad(GradientBalancer):
+    """Project every g_i onto the dual cone {x : Jx ≥ 0} and average the projections.
+
+    As in TorchJD: the Gramian is normalised by its trace (zero if below ``norm_eps``) and regularised
+    with ``reg_eps``·I; projection i is Jᵀv_i with v_i = argmin vᵀMv s.t. v ≥ e_i; weights = mean_i v_i.
+
+    Args:
+        norm_eps, reg_eps: TorchJD's defaults 1e-4.
+        iterations: accelerated projected-gradient iterations of the T box-constrained QPs.
+    """
+
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: int = 300,
+                 mode: Optional[str] = None, batched: bool = True) -> None:
+        super().__init__(mode, batched)
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError(f"UPGrad: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}.")
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+        self.iterations = iterations
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        t = gramian.shape[0]
+        trace = gramian.trace()
+        normalized = torch.where(trace >= self.norm_eps, gramian / trace.clamp_min(1e-30), torch.zeros_like(gramian))
+        regularized = normalized + self.reg_eps * torch.eye(t, dtype=gramian.dtype, device=gramian.device)
+        return dual_cone_weights(regularized, self.iterations).mean(0)

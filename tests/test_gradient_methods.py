@@ -1,0 +1,341 @@
+"""Each gradient method vs hand-computed / closed-form cases and an independent slow reference.
+
+References use numpy loops and scipy (SLSQP, nnls, least_squares) on the Jacobian itself, never the
+library's Gramian formulations or solvers.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares, minimize, nnls
+
+from mtl_lightning.gradients import (
+    CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
+)
+
+
+def direction(method, jac, losses=None):
+    """The aggregated direction d = Jᵀw of a Gramian weighting method (float64)."""
+    jac = torch.tensor(np.asarray(jac), dtype=torch.float64)  # a copy: aggregate may work in place
+    losses = torch.ones(jac.shape[0], dtype=torch.float64) if losses is None else torch.as_tensor(losses)
+    (d,), _ = method.aggregate([jac], jac @ jac.T, losses, None, None)
+    return d.numpy()
+
+
+def random_jacobian(t, p=7, seed=0, conflict=True):
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(t, p))
+    if conflict:
+        jac[1] = -0.7 * jac[0] + 0.3 * rng.normal(size=p)
+    return jac
+
+
+# ------------------------------------------------------------------------------------------- MGDA
+def test_mgda_two_tasks_closed_form():
+    g1, g2 = np.array([2.0, 0.0, 1.0]), np.array([-1.0, 1.0, 0.5])
+    gamma = np.clip((g2 - g1) @ g2 / np.sum((g1 - g2) ** 2), 0, 1)
+    np.testing.assert_allclose(direction(MGDA(), [g1, g2]), gamma * g1 + (1 - gamma) * g2, atol=1e-10)
+    np.testing.assert_allclose(direction(MGDA(), [[1.0, 0.0], [0.0, 1.0]]), [0.5, 0.5], atol=1e-10)  # orthogonal
+    np.testing.assert_allclose(direction(MGDA(), [[1.0, 0.0], [-1.0, 0.0]]), [0.0, 0.0], atol=1e-10)  # opposite
+
+
+@pytest.mark.parametrize("t", [3, 5])
+def test_mgda_matches_slsqp_min_norm(t):
+    jac = random_jacobian(t, p=12, seed=t)
+    cons = {"type": "eq", "fun": lambda w: w.sum() - 1}
+    ref = minimize(lambda w: np.sum((w @ jac) ** 2), np.ones(t) / t, bounds=[(0, 1)] * t, constraints=cons,
+                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 1000}).x
+    d = direction(MGDA(), jac)
+    assert np.sum(d**2) <= np.sum((ref @ jac) ** 2) + 1e-6
+    np.testing.assert_allclose(d, ref @ jac, atol=2e-3)
+
+
+def test_mgda_l2_normalization_uses_unit_gradients():
+    jac = np.array([[10.0, 0.0], [0.0, 1.0]])
+    w = MGDA(normalization="l2").weights(torch.tensor(jac @ jac.T), torch.ones(2))
+    np.testing.assert_allclose(w.numpy(), [0.5, 0.5], atol=1e-9)  # min-norm of the unit vectors
+
+
+# ------------------------------------------------------------------------------------------ PCGrad
+def pcgrad_reference(jac, orders):
+    pc = jac.copy()
+    for i in range(len(jac)):
+        for j in orders[i]:
+            dot = pc[i] @ jac[j]
+            if dot < 0:
+                pc[i] = pc[i] - dot / (jac[j] @ jac[j]) * jac[j]
+    return pc.sum(0)
+
+
+def test_pcgrad_conflicting_pair_by_hand():
+    # g1·g2 = −1: g1 → g1 + ½g2 = (0.5, 0.5), g2 → g2 + g1 = (0, 1); sum (0.5, 1.5)
+    np.testing.assert_allclose(direction(PCGrad(), [[1.0, 0.0], [-1.0, 1.0]]), [0.5, 1.5], atol=1e-12)
+    np.testing.assert_allclose(direction(PCGrad(), [[1.0, 0.0], [0.0, 1.0]]), [1.0, 1.0], atol=1e-12)
+
+
+def test_pcgrad_general_case_matches_vector_reference():
+    jac = random_jacobian(5, p=9, seed=1)
+    method = PCGrad(seed=3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # successive steps draw new orders from the same checkpointed stream
+        orders = torch.argsort(torch.rand((5, 5), generator=gen), dim=1).numpy()
+        np.testing.assert_allclose(direction(method, jac), pcgrad_reference(jac, orders), atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------- GradVac
+def gradvac_reference(jac, orders, targets, beta):
+    pc = jac.copy()
+    for i in range(len(jac)):
+        for j in orders[i]:
+            gi, gj = pc[i], jac[j]
+            cos = gi @ gj / (np.linalg.norm(gi) * np.linalg.norm(gj))
+            tgt = targets[i, j]
+            if cos < tgt:
+                w = np.linalg.norm(gi) * (tgt * np.sqrt(1 - cos**2) - cos * np.sqrt(1 - tgt**2)) / (
+                    np.linalg.norm(gj) * np.sqrt(1 - tgt**2))
+                pc[i] = gi + w * gj
+            targets[i, j] = (1 - beta) * tgt + beta * cos
+    return pc.sum(0)
+
+
+def test_gradvac_pair_reaches_target_similarity():
+    g1, g2 = np.array([1.0, 0.0]), np.array([-1.0, 1.0])
+    method = GradVac()
+    d = direction(method, [g1, g2])
+    # With targets 0 each projected gradient becomes orthogonal to the other task's gradient.
+    g1_new, g2_new = np.array([0.5, 0.5]), np.array([0.0, 1.0])
+    np.testing.assert_allclose(d, g1_new + g2_new, atol=1e-12)
+    cos = -1 / np.sqrt(2)
+    np.testing.assert_allclose(method.targets.numpy(), 0.5 * cos * (1 - np.eye(2)), atol=1e-12)
+
+
+def test_gradvac_general_case_matches_vector_reference_over_steps():
+    rng = np.random.default_rng(5)
+    method = GradVac(beta=0.3, seed=7)
+    targets = np.zeros((4, 4))
+    gen = torch.Generator().manual_seed(7)
+    for step in range(4):
+        jac = random_jacobian(4, p=6, seed=step)
+        keys = torch.rand((4, 4), generator=gen).masked_fill(torch.eye(4, dtype=torch.bool), 2.0)
+        orders = torch.argsort(keys, dim=1)[:, :3].numpy()
+        np.testing.assert_allclose(direction(method, jac), gradvac_reference(jac, orders, targets, 0.3), atol=1e-9)
+    np.testing.assert_allclose(method.targets.numpy(), targets, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ CAGrad
+def cagrad_reference(jac, c):
+    """The official implementation's formulation (scipy SLSQP on the simplex)."""
+    t = len(jac)
+    gg = jac @ jac.T
+    g0_norm = np.sqrt(gg.mean() + 1e-8)
+    b = np.ones(t) / t
+    cc = c * g0_norm + 1e-8
+    obj = lambda x: x @ gg @ b + cc * np.sqrt(x @ gg @ x + 1e-8)
+    res = minimize(obj, b, bounds=[(0, 1)] * t, constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 2000})
+    gw = res.x @ jac
+    d = jac.mean(0) + cc / (np.linalg.norm(gw) + 1e-8) * gw
+    return d / (1 + c**2), obj(res.x), res.x
+
+
+@pytest.mark.parametrize("t,c", [(2, 0.5), (4, 0.4), (6, 0.8)])
+def test_cagrad_matches_official_slsqp_formulation(t, c):
+    jac = random_jacobian(t, p=10, seed=t)
+    ref, ref_obj, _ = cagrad_reference(jac, c)
+    np.testing.assert_allclose(direction(CAGrad(c=c), jac), ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+def test_cagrad_with_zero_radius_is_the_mean_gradient():
+    jac = random_jacobian(3)
+    np.testing.assert_allclose(direction(CAGrad(c=0.0), jac), jac.mean(0), atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------- Nash-MTL
+def test_nash_mtl_solves_the_bargaining_condition():
+    jac = random_jacobian(4, p=9, seed=2)
+    gram = torch.tensor(jac @ jac.T)
+    alpha = NashMTL(max_norm=0.0).weights(gram, torch.ones(4))
+    normalized = gram / torch.linalg.matrix_norm(gram)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(normalized @ alpha, 1 / alpha, atol=1e-8, rtol=1e-8)
+
+
+def test_nash_mtl_orthogonal_gradients_get_inverse_norm_weights():
+    # M = diag(a², b²) normalised: α_t = 1/‖g_t‖ (up to the Frobenius factor), so every task's
+    # gradient contributes a unit-norm step: α_t‖g_t‖ is the same for both tasks.
+    jac = np.array([[3.0, 0.0], [0.0, 0.5]])
+    alpha = NashMTL(max_norm=0.0).weights(torch.tensor(jac @ jac.T), torch.ones(2)).numpy()
+    np.testing.assert_allclose(alpha[0] * 3.0, alpha[1] * 0.5, rtol=1e-8)
+
+
+def test_nash_mtl_clips_to_max_norm_and_warm_starts():
+    jac = random_jacobian(3, p=5, seed=4) * 100
+    method = NashMTL(max_norm=1.0)
+    d = direction(method, jac)
+    assert np.linalg.norm(d) == pytest.approx(1.0, rel=1e-5)
+    assert method.alpha is not None and method.steps == 1
+
+
+# ------------------------------------------------------------------------------------------- IMTL-G
+def imtl_reference(jac):
+    """LibMTL's IMTL-G formula on the Jacobian."""
+    u = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+    D = jac[0:1] - jac[1:]
+    U = u[0:1] - u[1:]
+    alpha = jac[0] @ U.T @ np.linalg.inv(D @ U.T)
+    return np.concatenate([[1 - alpha.sum()], alpha]) @ jac
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_imtl_g_equal_projections_and_reference(t):
+    jac = random_jacobian(t, p=8, seed=10 + t, conflict=False)
+    d = direction(IMTLG(), jac)
+    projections = jac @ d / np.linalg.norm(jac, axis=1)
+    np.testing.assert_allclose(projections, projections[0], rtol=1e-8)
+    np.testing.assert_allclose(d, imtl_reference(jac), rtol=1e-8)
+
+
+# --------------------------------------------------------------------------------------- Aligned-MTL
+def aligned_reference(jac):
+    m = jac @ jac.T
+    lam, v = np.linalg.eigh(m)
+    tol = lam.max() * len(m) * np.finfo(np.float32).eps
+    keep = lam > tol
+    lam, v = lam[keep], v[:, keep]
+    b = np.sqrt(lam.min()) * v @ np.diag(1 / np.sqrt(lam)) @ v.T
+    return b.sum(0) @ jac
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_aligned_mtl_condition_number_one_and_reference(rank_deficient):
+    jac = random_jacobian(4, p=9, seed=3)
+    if rank_deficient:
+        jac[3] = jac[0] + jac[1]
+    gram = torch.tensor(jac @ jac.T)
+    aligned = AlignedMTL.balance_matrix(gram).numpy() @ jac
+    singular = np.linalg.svd(aligned, compute_uv=False)
+    singular = singular[singular > 1e-6 * singular.max()]
+    assert len(singular) == (3 if rank_deficient else 4)
+    np.testing.assert_allclose(singular / singular.max(), 1.0, atol=1e-8)
+    np.testing.assert_allclose(direction(AlignedMTL(), jac), aligned_reference(jac), rtol=1e-7, atol=1e-10)
+
+
+# -------------------------------------------------------------------------------------------- UPGrad
+def upgrad_reference(jac):
+    """Mean of the projections of each g_i onto {x : Jx ≥ 0}: x = g_i + Jᵀλ, λ = nnls(Jᵀ, −g_i)."""
+    projections = []
+    for g in jac:
+        lam, _ = nnls(jac.T, -g)
+        projections.append(g + jac.T @ lam)
+    return np.mean(projections, axis=0)
+
+
+@pytest.mark.parametrize("t", [2, 4, 7])
+def test_upgrad_dual_cone_property_and_reference(t):
+    jac = random_jacobian(t, p=12, seed=20 + t)
+    d = direction(UPGrad(), jac)
+    assert (jac @ d >= -1e-6 * np.linalg.norm(jac) * np.linalg.norm(d)).all()  # no task is hurt
+    ref = upgrad_reference(jac)
+    np.testing.assert_allclose(d, ref, atol=5e-3 * np.linalg.norm(ref))
+
+
+def test_upgrad_non_conflicting_gradients_are_averaged():
+    jac = np.array([[1.0, 0.2], [0.3, 1.0]])
+    np.testing.assert_allclose(direction(UPGrad(reg_eps=0.0), jac), jac.mean(0), atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------- DB-MTL
+def test_db_mtl_log_gradients_moving_average_and_max_norm_balance():
+    method = DBMTL(beta=0.9)
+    jac1, jac2 = random_jacobian(3, p=5, seed=1), random_jacobian(3, p=5, seed=2)
+    l1, l2 = np.array([2.0, 0.5, 1.0]), np.array([1.5, 0.4, 0.9])
+    d1 = direction(method, jac1, l1)
+    avg = jac1 / (l1[:, None] + 1e-8)
+    n = np.linalg.norm(avg, axis=1)
+    np.testing.assert_allclose(d1, (n.max() / (n + 1e-8)) @ avg, rtol=1e-10)
+    d2 = direction(method, jac2, l2)
+    avg = 0.9 * avg + 0.1 * jac2 / (l2[:, None] + 1e-8)
+    n = np.linalg.norm(avg, axis=1)
+    np.testing.assert_allclose(d2, (n.max() / (n + 1e-8)) @ avg, rtol=1e-10)
+    # Balanced: every task's scaled moving average has the norm of the largest one.
+    assert method.steps == 2
+
+
+def test_db_mtl_under_loss_scale_equals_unscaled():
+    jac, losses = random_jacobian(3, p=5, seed=1), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    j = torch.tensor(jac)
+    scale = torch.tensor(1024.0, dtype=torch.float64)
+    (d_plain,), _ = DBMTL().aggregate([j.clone()], j @ j.T, losses, None, None)
+    (d_scaled,), _ = DBMTL().aggregate([j * scale], j @ j.T, losses, scale, None)
+    torch.testing.assert_close(d_scaled / scale, d_plain)
+
+
+# ----------------------------------------------------------------------------------------- FairGrad
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_fairgrad_matches_official_least_squares(alpha):
+    jac = random_jacobian(4, p=9, seed=6)
+    gg = jac @ jac.T
+    ref = least_squares(lambda x: gg @ x - np.power(1 / x, 1 / alpha), np.ones(4) / 4, bounds=(0, np.inf),
+                        xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+    w = FairGrad(alpha=alpha).weights(torch.tensor(gg), torch.ones(4)).numpy()
+    np.testing.assert_allclose(gg @ w, w ** (-1 / alpha), rtol=1e-8)
+    np.testing.assert_allclose(w, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- GradDrop
+def _graddrop_ctx(features):
+    return SimpleNamespace(features=features, reduce_mean=lambda x: x)
+
+
+def graddrop_reference(per_sample, features, uniform, leak):
+    signed = (per_sample * np.sign(features)[None]).sum(1)
+    purity = 0.5 * (1 + signed.sum(0) / (np.abs(signed).sum(0) + 1e-7))
+    out = np.zeros_like(per_sample[0])
+    for t in range(len(per_sample)):
+        keep = ((purity > uniform) & (signed[t] > 0)) | ((purity < uniform) & (signed[t] < 0))
+        out += per_sample[t] * (leak + (1 - leak) * keep)[None]
+    return out
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_matches_reference_masks(leak):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 5))
+    per_sample = rng.normal(size=(3, 6, 5))
+    method = GradDrop(leak=leak, seed=4)
+    j = torch.tensor(per_sample)
+    flat = j.reshape(3, -1)
+    (d,), kept = method.aggregate([j], flat @ flat.T, torch.ones(3), None, _graddrop_ctx(torch.tensor(features)))
+    uniform = torch.rand((5,), generator=torch.Generator().manual_seed(4), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(d.numpy().reshape(6, 5), graddrop_reference(per_sample, features, uniform, leak))
+    assert ((kept >= leak) & (kept <= 1)).all()
+
+
+def test_graddrop_keeps_everything_when_signs_agree():
+    features = torch.ones(4, 3, dtype=torch.float64)
+    per_sample = torch.rand(2, 4, 3, dtype=torch.float64) + 0.1  # all positive: P = 1 > U
+    flat = per_sample.reshape(2, -1)
+    (d,), kept = GradDrop().aggregate([per_sample], flat @ flat.T, torch.ones(2), None, _graddrop_ctx(features))
+    torch.testing.assert_close(d, per_sample.sum(0))
+    torch.testing.assert_close(kept, torch.ones(2, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------ options
+@pytest.mark.parametrize("factory,message", [
+    (lambda: GradDrop(mode="param"), "GradDrop: mode='param' is not supported"),
+    (lambda: DBMTL(mode="rep"), "DBMTL: mode='rep' is not supported"),
+    (lambda: MGDA(mode="representation"), "MGDA: mode='representation'"),
+    (lambda: MGDA(normalization="l1"), "MGDA: normalization='l1'"),
+    (lambda: CAGrad(c=-1), "CAGrad: c must be >= 0"),
+    (lambda: NashMTL(update_every=0), "NashMTL: update_every"),
+    (lambda: FairGrad(alpha=0), "FairGrad: alpha must be > 0"),
+    (lambda: GradVac(beta=2), "GradVac: beta"),
+    (lambda: DBMTL(beta=-0.1), "DBMTL: beta"),
+    (lambda: GradDrop(leak=1.5), "GradDrop: leak"),
+    (lambda: UPGrad(reg_eps=-1), "UPGrad: norm_eps and reg_eps"),
+])
+def test_bad_options_raise_clear_errors(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
