@@ -5,7 +5,7 @@ decision is split from its application: most methods are a *weighting* — a fun
 Gramian M = JJᵀ (and the task losses) returning weights w, applied as d = Jᵀw — and the few that
 need J itself (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
 
-Semantics shared by every method (see ``docs/balancing-gradient.md``):
+Semantics shared by every method (see the README, "Gradient balancing methods"):
 
 * **Heads** receive their own task's unweighted gradient ∂L_t/∂head_t (as TorchJD and LibMTL).
 * **param mode**: J w.r.t. the shared parameters. Under gradient accumulation J (and the head
