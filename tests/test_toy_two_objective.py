@@ -64,7 +64,15 @@ def test_resolve_method_by_short_name_or_path_and_errors():
 
 
 def test_command_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
     out = tmp_path / "toy.png"
     trajectories = toy.main(["--methods", "ew,dwa", "--steps", "20", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(trajectories) == {"EqualWeighting", "DWA"} and len(trajectories["DWA"]) == len(toy.PAPER_STARTS)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    runs = {"EW": [torch.zeros(3, 2)]}
+    with pytest.raises(ImportError, match=r"needs matplotlib: pip install 'mtl-lightning\[plots\]'"):
+        toy.plot_trajectories(runs, str(tmp_path / "x.png"))
