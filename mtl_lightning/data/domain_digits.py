@@ -21,7 +21,7 @@ import torch
 
 from mtl_lightning.data.datamodule import TensorDictDataset
 from mtl_lightning.data.mixing import MultiDatasetDataModule
-from mtl_lightning.data.multidigits import load_digit_images
+from mtl_lightning.data.multidigits import load_digit_images, split_digits
 from mtl_lightning.data.policies import MixingPolicy
 
 DOMAINS = {
@@ -66,10 +66,8 @@ class DomainDigitsDataModule(MultiDatasetDataModule):
     def build_datasets(self) -> dict[str, dict[str, TensorDictDataset]]:  # type: ignore[override]
         images, labels = load_digit_images()
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(images), generator=generator)
-        n_train = int(self.split_fractions[0] * len(images))
-        n_val = int(self.split_fractions[1] * len(images))
-        parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+        parts = split_digits(len(images), self.split_fractions, generator)
+        n_train = len(parts["train"])
         too_big = {d: n for d, n in self.train_sizes.items() if n > n_train}
         if too_big:
             raise ValueError(f"DomainDigitsDataModule: train_sizes {too_big} exceed the {n_train} training digits.")

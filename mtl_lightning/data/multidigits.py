@@ -35,6 +35,15 @@ def load_digit_images() -> tuple[Tensor, Tensor]:
     return images, torch.as_tensor(digits.target, dtype=torch.long)
 
 
+def split_digits(num_images: int, split_fractions: tuple[float, float], generator: torch.Generator) -> dict[str, Tensor]:
+    """Indices of the single digits in each split: a random permutation cut into train / val / test
+    by ``split_fractions`` (train, val; the rest is test)."""
+    order = torch.randperm(num_images, generator=generator)
+    n_train = int(split_fractions[0] * num_images)
+    n_val = int(split_fractions[1] * num_images)
+    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+
+
 def overlay_pairs(images: Tensor, labels: Tensor, num_pairs: int, generator: torch.Generator) -> dict[str, Tensor]:
     """Random pairs of the given digits on a 12×12 canvas, with left/right/sum/present labels."""
     a = torch.randint(len(images), (num_pairs,), generator=generator)
@@ -107,10 +116,7 @@ class MultiDigitsDataModule(MultiTaskDataModule):
     def build_datasets(self) -> dict[str, TensorDictDataset]:
         images, labels = load_digit_images()
         generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(images), generator=generator)
-        n_train = int(self.split_fractions[0] * len(images))
-        n_val = int(self.split_fractions[1] * len(images))
-        parts = {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+        parts = split_digits(len(images), self.split_fractions, generator)
         datasets = {}
         for split, idx in parts.items():
             data = overlay_pairs(images[idx], labels[idx], self.num_pairs[split], generator)
