@@ -25,17 +25,8 @@ from mtl_lightning import ClassificationTask, MultiDigitsDataModule, MultiTaskMo
 from mtl_lightning.balancing import FAMO, GLS, IMTLL, SI, UW, EqualWeighting
 from mtl_lightning.models import SmallCNN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
 SCALE = 1000.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on 2 shared cores run several times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,9 @@ from mtl_lightning.data import TensorDictDataset
 from mtl_lightning.data.datamodule import collate_batched
 from mtl_lightning.models import MLP
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
 
 EPOCHS, STOP_AT = 4, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores run faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def loader() -> torch.utils.data.DataLoader:

@@ -23,13 +23,7 @@ from mtl_lightning.tasks import ClassificationTask
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster; restore the setting for the rest of the session."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread
 
 
 @pytest.fixture(scope="module")

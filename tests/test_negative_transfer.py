@@ -22,13 +22,7 @@ from mtl_lightning.monitoring.grouping import _partitions
 from mtl_lightning.tasks import ClassificationTask, RegressionTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest on one thread (and do not stall on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.one_thread
 
 
 def _trainer(**kwargs) -> pl.Trainer:

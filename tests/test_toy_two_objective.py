@@ -11,12 +11,7 @@ from mtl_lightning.balancing import FAMO, EqualWeighting
 from mtl_lightning.toy import two_objective as toy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread
 
 
 def test_losses_match_the_reference_formulas_by_hand():
