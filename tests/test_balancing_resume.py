@@ -36,8 +36,7 @@ def fit(method: pl.Callback, max_epochs: int, ckpt_path: str | None = None) -> t
     trainer = pl.Trainer(callbacks=[method], max_epochs=max_epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
                          limit_val_batches=0)
-    # The checkpoint pickles the tasks (hyperparameters): a trusted file, loaded with weights_only=False.
-    trainer.fit(module, loader(), ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+    trainer.fit(module, loader(), ckpt_path=ckpt_path)
     return trainer, module
 
 

@@ -71,7 +71,7 @@ def test_stateful_methods_resume_exactly(method, tmp_path):
     assert any(key.endswith(METHODS[method]().name) or METHODS[method]().name in key for key in state)
     resumed = make_module(seed=123)  # different init: everything must come from the checkpoint
     quiet_trainer(callbacks=[METHODS[method]()], max_epochs=2).fit(
-        resumed, loader(batches), ckpt_path=tmp_path / "one.ckpt", weights_only=False  # hparams hold Task objects
+        resumed, loader(batches), ckpt_path=tmp_path / "one.ckpt"
     )
     torch.testing.assert_close(flat_parameters(resumed), flat_parameters(straight), rtol=0, atol=0)
 

@@ -177,8 +177,7 @@ def test_resumed_run_continues_the_same_tasks_and_samples(tmp_path):
             max_epochs=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
             enable_model_summary=False, enable_checkpointing=save, callbacks=callbacks,
         )
-        trainer.fit(small_model(), MultiDatasetDataModule(Temperature(2.0), data, batch_size=4, seed=3), ckpt_path=ckpt_path,
-                    weights_only=False)  # the hparams hold Task objects, not plain tensors
+        trainer.fit(small_model(), MultiDatasetDataModule(Temperature(2.0), data, batch_size=4, seed=3), ckpt_path=ckpt_path)
         return recorder.steps
 
     full = run(save=True)
