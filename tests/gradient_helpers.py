@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import quiet_trainer
 from mtl_lightning.gradients import (
     CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
 )
@@ -77,13 +78,6 @@ def make_module(accumulate: int = 1, seed: int = 0, lr: float = 0.1) -> MultiTas
 
 def loader(batches: list[dict[str, torch.Tensor]]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
-
-
-def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                   accelerator="cpu", devices=1)
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def flat_parameters(module: torch.nn.Module) -> torch.Tensor:

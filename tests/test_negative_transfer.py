@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import quiet_trainer
 from mtl_lightning.data import MultiDigitsDataModule, PlantedGroupsDataModule
 from mtl_lightning.models import MultiTaskModule
 from mtl_lightning.models.encoders import MLP, SmallCNN
@@ -26,10 +27,7 @@ pytestmark = pytest.mark.one_thread
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    num_sanity_val_steps=0, accelerator="cpu", devices=1)
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return quiet_trainer(**{"num_sanity_val_steps": 0, **kwargs})
 
 
 def _planted_model(dm: PlantedGroupsDataModule, lr: float = 1e-2) -> MultiTaskModule:
