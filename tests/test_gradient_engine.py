@@ -81,3 +81,40 @@ def test_param_mode_with_per_task_features_falls_back_to_direct_jacobian():
     expected = flatten_jacobian(task_jacobian(losses, shared, batched=False))
     blocks, _ = per_task_gradients(losses, feats, shared, [list(h.parameters()) for h in heads[:2]], "param")
     torch.testing.assert_close(flatten_jacobian(blocks), expected, rtol=1e-5, atol=1e-7)
+
+
+def _aliased_setup(detach_second: bool = False):
+    """Like :func:`_setup`, but each head reads its own alias of z (as MultiTaskModule.heads_forward)."""
+    torch.manual_seed(1)
+    encoder = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU())
+    heads = nn.ModuleList([nn.Linear(5, 3) for _ in range(3)])
+    x, ys = torch.randn(7, 6), [torch.randint(3, (7,)) for _ in range(3)]
+    z = encoder(x)
+    aliases = [z.detach() if detach_second and i == 1 else z.view_as(z) for i in range(3)]
+    losses = [nn.functional.cross_entropy(h(a), y) for h, a, y in zip(heads, aliases, ys)]
+    return encoder, heads, z, aliases, losses
+
+
+@pytest.mark.parametrize("mode", ["param", "rep"])
+@pytest.mark.parametrize("detach_second", [False, True])
+def test_one_backward_through_aliases_equals_one_backward_per_task(mode, detach_second):
+    encoder, heads, z, _, losses = _aliased_setup(detach_second)  # param mode frees the graph: two copies
+    shared, head_params = list(encoder.parameters()), [list(h.parameters()) for h in heads]
+    per_task_blocks, per_task_heads = per_task_gradients(losses, z, shared, head_params, mode)
+    encoder, heads, z, aliases, losses = _aliased_setup(detach_second)
+    shared, head_params = list(encoder.parameters()), [list(h.parameters()) for h in heads]
+    blocks, head_grads = per_task_gradients(losses, z, shared, head_params, mode, head_inputs=aliases)
+    for got, want in zip([*blocks, *head_grads], [*per_task_blocks, *per_task_heads]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+    if detach_second:
+        assert flatten_jacobian(blocks)[1].abs().sum() == 0
+
+
+def test_aliased_engine_runs_one_backward_through_the_heads():
+    encoder, heads, z, aliases, losses = _aliased_setup()
+    calls = [0] * 3
+    for i, h in enumerate(heads):
+        h.weight.register_hook(lambda g, i=i: calls.__setitem__(i, calls[i] + 1))
+    per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "rep",
+                       head_inputs=aliases)
+    assert calls == [1, 1, 1]

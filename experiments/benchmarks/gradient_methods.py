@@ -64,9 +64,11 @@ def make_step(module: MultiTaskModule, batch: dict[str, torch.Tensor], balancer:
     balancer.setup(module.trainer, module, "fit")
 
     def step() -> None:
-        features, _, losses = module.compute_losses(batch, "train")
+        head_inputs: dict[str, torch.Tensor] = {}
+        features, _, losses = module.compute_losses(batch, "train", head_inputs)
         ctx = BalancingContext(losses=losses, task_names=module.task_names, features=features, batch=batch,
-                               global_step=0, epoch=0, is_last_microbatch=True, _module=module)
+                               global_step=0, epoch=0, is_last_microbatch=True, _module=module,
+                               head_inputs=head_inputs)
         balancer.backward(ctx)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -46,6 +46,8 @@ class BalancingContext:
         global_step: Optimizer steps taken so far.
         epoch: Current epoch.
         is_last_microbatch: True when the optimizer steps after this micro-batch.
+        head_inputs: By task, the tensor its head read: an alias of ``features`` per task (see
+            ``MultiTaskModule.heads_forward``), or None (task-routed batches, frozen encoder).
     """
 
     losses: dict[str, Tensor]
@@ -56,6 +58,7 @@ class BalancingContext:
     epoch: int
     is_last_microbatch: bool
     _module: "MultiTaskModule" = field(repr=False)
+    head_inputs: Optional[Mapping[str, Tensor]] = None
 
     # -- gradients ----------------------------------------------------------------------------
     def backward(self, loss: Tensor) -> None:

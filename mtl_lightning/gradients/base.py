@@ -95,7 +95,9 @@ class GradientBalancer(BalancingMethod):
         shared = ctx.shared_parameters()
         heads = [ctx.task_parameters(n) for n in names]
         with ctx.no_sync():
-            jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched)
+            head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
+            jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched,
+                                                      head_inputs)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
             self._combine(ctx, jacobian, head_grads, loss_vector, scale, shared, heads)

@@ -18,10 +18,10 @@ class CAGrad(GradientBalancer):
         c: c_α, the radius of the ball around the average gradient, relative to ‖g_0‖ (0.4 in the
             official NYUv2 runs, 0.5 on the toy).
         rescale: divide d by 1 + c_α² (official ``rescale=1``).
-        iterations: projected-gradient iterations of the simplex solver.
+        iterations: budget of Newton steps of the simplex solver (default 2T + 20).
     """
 
-    def __init__(self, c: float = 0.4, rescale: bool = True, iterations: int = 200, mode: Optional[str] = None,
+    def __init__(self, c: float = 0.4, rescale: bool = True, iterations: Optional[int] = None, mode: Optional[str] = None,
                  batched: bool = True) -> None:
         super().__init__(mode, batched)
         if c < 0:
@@ -29,10 +29,12 @@ class CAGrad(GradientBalancer):
         self.c = c
         self.rescale = rescale
         self.iterations = iterations
+        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
-        w = cagrad_simplex_weights(gramian, self.c, self.iterations)
+        budget = 2 * t + 20 if self.iterations is None else self.iterations
+        w = self._previous = cagrad_simplex_weights(gramian, self.c, budget, self._previous)
         g0_norm = (gramian.mean().clamp_min(0) + 1e-8).sqrt()
         gw_norm = (w @ gramian @ w).clamp_min(0).sqrt()
         lam = self.c * g0_norm / (gw_norm + 1e-8)

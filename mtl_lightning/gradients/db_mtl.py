@@ -47,13 +47,19 @@ class DBMTL(GradientBalancer):
         if self.average is None or self.steps == 1:
             self.average = log_grads
         else:
-            # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average.
-            finite = torch.stack([torch.isfinite(g).all() for g in log_grads]).all()
-            keep = (self.beta / self.steps**self.beta_sigma) * torch.ones((), dtype=log_grads[0].dtype,
-                                                                          device=log_grads[0].device)
-            keep = torch.where(finite, keep, torch.ones_like(keep))
-            for average, g in zip(self.average, log_grads):
-                average.mul_(keep).add_(g.nan_to_num_(0.0, 0.0, 0.0) * (1 - keep))
+            keep = self.beta / self.steps**self.beta_sigma
+            # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average:
+            # it is detected from the step's squared norms (finite iff every entry is).
+            squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
+            finite = torch.isfinite(squares).all()
+            if finite.device.type == "cpu":  # reading it is free: skip the update, not just neutralise it
+                if bool(finite):
+                    for average, g in zip(self.average, log_grads):
+                        average.lerp_(g, 1 - keep)
+            else:
+                rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
+                for average, g in zip(self.average, log_grads):
+                    average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
         norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in self.average).sqrt()
         weights = norms.max() / (norms + 1e-8)
         scaled = weights if scale is None else weights * scale.to(weights.dtype)

@@ -9,7 +9,7 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -109,11 +109,14 @@ def per_task_gradients(
     heads: Sequence[Sequence[Tensor]],
     mode: str = "param",
     batched: bool = True,
+    head_inputs: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The per-task Jacobian and every head's gradient of its own loss, in one pass.
 
     Each task's loss is differentiated w.r.t. the shared representation ``features`` and its own head
-    (``heads[t]``) only, so task t's backward touches head t alone. Then
+    (``heads[t]``) only, so task t's backward touches head t alone. With ``head_inputs`` (per task,
+    the alias of ``features`` its head read, see ``MultiTaskModule.heads_forward``) this is **one**
+    backward of Σ_t L_t for all tasks; without, one small backward per task. Then
 
     * ``mode="param"``: the T rows ∂L_t/∂z go through the encoder in one batched backward (or a loop of
       T), giving the Jacobian w.r.t. ``shared``: one ``(T, *p.shape)`` block per shared parameter;
@@ -139,15 +142,32 @@ def per_task_gradients(
         head_grads = [g for l, h in zip(losses, heads)
                       for g in _zeros_for_none(torch.autograd.grad(l, list(h), retain_graph=True, allow_unused=True), h)]
         return task_jacobian(losses, shared, batched=batched, retain_graph=False), head_grads
-    rows, head_grads = [], []
-    for loss, head in zip(losses, heads):
-        grads = torch.autograd.grad(loss, [features, *head], retain_graph=True, allow_unused=True)
-        rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
-        head_grads.extend(_zeros_for_none(grads[1:], head))
+    if head_inputs is not None and len(head_inputs) == len(losses):
+        rows, head_grads = _aliased_head_backward(losses, features, head_inputs, heads)
+    else:
+        rows, head_grads = [], []
+        for loss, head in zip(losses, heads):
+            grads = torch.autograd.grad(loss, [features, *head], retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
+            head_grads.extend(_zeros_for_none(grads[1:], head))
     cotangents = torch.stack(rows)
     if mode == "rep":
         return [cotangents], head_grads
     return _batched_or_looped_vjp(features, list(shared), cotangents, batched), head_grads
+
+
+def _aliased_head_backward(losses: list[Tensor], features: Tensor, head_inputs: Sequence[Optional[Tensor]],
+                           heads: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Every task's ∂L_t/∂z (through its own alias of z) and its head gradients, from one backward of
+    Σ_t L_t; a task whose head read detached features (no alias with a gradient) gets zeros for z."""
+    aliases = [x for x in head_inputs if x is not None and x.requires_grad]
+    head_params = [p for h in heads for p in h]
+    grads = torch.autograd.grad(torch.stack(losses).sum(), [*aliases, *head_params], retain_graph=True,
+                                allow_unused=True)
+    by_alias = iter(grads[: len(aliases)])
+    rows = [next(by_alias) if x is not None and x.requires_grad else None for x in head_inputs]
+    rows = [torch.zeros_like(features) if g is None else g for g in rows]
+    return rows, _zeros_for_none(grads[len(aliases):], head_params)
 
 
 def representation_backward(features: Tensor, shared: Sequence[Tensor], direction: Tensor) -> list[Tensor]:

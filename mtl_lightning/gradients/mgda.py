@@ -8,32 +8,35 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.gradients.base import GradientBalancer
-from mtl_lightning.gradients.solvers import frank_wolfe_min_norm
+from mtl_lightning.gradients.solvers import min_norm_simplex
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 class MGDA(GradientBalancer):
-    """d = Σ_t α_t g_t with α = argmin_{α∈Δ} ‖Σ α_t g_t/n_t‖² (Frank–Wolfe from the best pair).
+    """d = Σ_t α_t g_t with α = argmin_{α∈Δ} ‖Σ α_t g_t/n_t‖², solved exactly (the official code
+    approximates it by Frank–Wolfe; see :func:`~mtl_lightning.gradients.solvers.min_norm_simplex`).
 
     ``mode="rep"`` is MGDA-UB (the upper bound: gradients w.r.t. the shared representation).
 
     Args:
         normalization: gradient normaliser n_t used inside the min-norm problem: ``"none"`` (1),
             ``"l2"`` (‖g_t‖), ``"loss"`` (L_t) or ``"loss+"`` (L_t‖g_t‖), as in the official code.
-        iterations: Frank–Wolfe iterations (official: at most 250).
+        iterations: budget of active-set steps (default 2T + 4; the solution needs at most one step
+            per task entering or leaving the support).
         mode, batched: see :class:`GradientBalancer`.
     """
 
-    def __init__(self, normalization: str = "none", iterations: int = 250, mode: Optional[str] = None,
+    def __init__(self, normalization: str = "none", iterations: Optional[int] = None, mode: Optional[str] = None,
                  batched: bool = True) -> None:
         super().__init__(mode, batched)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"MGDA: normalization={normalization!r}; choose one of {list(NORMALIZATIONS)}.")
-        if iterations < 0:
-            raise ValueError(f"MGDA: iterations must be >= 0, got {iterations}.")
+        if iterations is not None and iterations < 1:
+            raise ValueError(f"MGDA: iterations must be >= 1, got {iterations}.")
         self.normalization = normalization
         self.iterations = iterations
+        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
         norms = gramian.diagonal().clamp_min(0).sqrt()
@@ -43,4 +46,6 @@ class MGDA(GradientBalancer):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         n = self.normalizers(gramian, losses)
-        return frank_wolfe_min_norm(gramian / torch.outer(n, n), self.iterations)
+        budget = 2 * len(n) + 4 if self.iterations is None else self.iterations
+        self._previous = min_norm_simplex(gramian / torch.outer(n, n), budget, self._previous)
+        return self._previous

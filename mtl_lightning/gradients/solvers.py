@@ -1,20 +1,45 @@
 """Small solvers on the T×T Gramian, in torch on the model's device (no host round-trip).
 
+The problems are tiny (T ≤ a few dozen) and ill-conditioned (task gradients are often nearly
+parallel), so first-order methods (Frank–Wolfe, projected gradient) need hundreds of iterations
+whose cost is all per-call overhead. These solvers use second-order steps instead: an active-set
+Newton method for problems over the simplex or the non-negative orthant (exact in at most about
+2T steps for quadratics) and a Newton method with a batched line search for the power equations of
+Nash-MTL and FairGrad. Every step is a fixed-shape tensor computation (masks, no Python indexing).
+
 On accelerators every solver runs its full iteration budget (iterations after convergence change
 nothing), so that no Python-side convergence test forces a device synchronisation; on the CPU, where
-reading a value costs nothing, they stop as soon as they have converged. They work in float64: the
-problems are tiny (T ≤ a few dozen) and conditioning matters more than speed there.
+reading a value costs nothing, they stop as soon as they have converged. They work in float64.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
+#: Step sizes tried at once by the batched line search: 1, 1/2, …, 1/2¹¹ of the longest step.
+_LINE_SEARCH_STEPS = 12
 
-def converged(change: Tensor, tol: float) -> bool:
-    """True when ``change`` < ``tol`` and reading it is free (CPU tensors); always False on accelerators."""
-    return change.device.type == "cpu" and bool(change < tol)
+
+def converged(flag: Tensor) -> bool:
+    """True when every entry of ``flag`` is True and reading it is free (CPU); always False on accelerators."""
+    return flag.device.type == "cpu" and bool(flag.all())
+
+
+def warm_start(previous: Optional[Tensor], default: Tensor) -> Tensor:
+    """``previous`` (the last step's solution) where it is usable as a start, else ``default``.
+
+    The problems below have unique solutions, so the start changes the number of iterations, not the
+    answer: solvers are warm-started from the last step's solution, which the next step's Gramian
+    barely moves. A start of another shape or device, or with non-finite entries (a skipped fp16
+    overflow step), is replaced by ``default`` without a host synchronisation.
+    """
+    if previous is None or previous.shape != default.shape or previous.device != default.device:
+        return default
+    previous = previous.to(default.dtype)
+    return torch.where(torch.isfinite(previous).all(), previous, default)
 
 
 def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,115 +53,181 @@ def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor
     return gamma, cost
 
 
-def frank_wolfe_min_norm(gramian: Tensor, iterations: int = 250, tol: float = 1e-5) -> Tensor:
-    """argmin_{w ∈ simplex} wᵀMw (MGDA) by Frank–Wolfe with exact line search, started from the best
-    pair of tasks (Sener & Koltun, arXiv 1810.04650; their ``MinNormSolver``)."""
+def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, simplex: bool) -> tuple[Tensor, Tensor]:
+    """Newton direction d over the free coordinates only (and Σd = 0 on the simplex), batched over rows.
+
+    Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0 (zero without the simplex):
+    H_FF d_F + g_F + μ = 0.
+    """
+    batch, t = grad.shape
+    dtype = grad.dtype
+    pair = free.unsqueeze(-1) & free.unsqueeze(-2)
+    matrix = torch.where(pair, hessian, torch.zeros((), dtype=dtype, device=grad.device)) + torch.diag_embed((~free).to(dtype))
+    rhs = -torch.where(free, grad, torch.zeros((), dtype=dtype, device=grad.device))
+    if not simplex:
+        return torch.linalg.solve(matrix, rhs), torch.zeros(batch, dtype=dtype, device=grad.device)
+    column = free.to(dtype).unsqueeze(-1)
+    kkt = torch.cat([torch.cat([matrix, column], -1),
+                     torch.cat([column.transpose(-1, -2), torch.zeros(batch, 1, 1, dtype=dtype, device=grad.device)], -1)], -2)
+    solution = torch.linalg.solve(kkt, torch.cat([rhs, torch.zeros(batch, 1, dtype=dtype, device=grad.device)], -1))
+    return solution[:, :t], solution[:, t]
+
+
+def active_set_newton(
+    grad_hessian: Callable[[Tensor], tuple[Tensor, Tensor]],
+    start: Tensor,
+    simplex: bool,
+    iterations: int,
+    value: Optional[Callable[[Tensor], Tensor]] = None,
+    tol: float = 1e-10,
+) -> Tensor:
+    """min F(x) subject to x ≥ 0 (and Σ_t x_t = 1 when ``simplex``) for a batch of convex problems.
+
+    ``start`` (B, T) is feasible; ``grad_hessian(x)`` returns ∇F (B, T) and ∇²F (B, T, T) (or (T, T)).
+    A primal active-set method (as Wolfe's min-norm-point and Lawson–Hanson's NNLS algorithms): a
+    Newton step on the face of the free coordinates, cut at the boundary (the blocking coordinate is
+    fixed at 0), and, at a face optimum, freeing the fixed coordinate whose reduced gradient is most
+    negative. For a quadratic F (``value`` None) each face optimum is one step and the method is
+    exact after finitely many steps; otherwise ``value(x)`` (any batch of rows) drives a batched
+    backtracking line search. Stops at a point satisfying the KKT conditions up to ``tol``.
+    """
+    x = start.clone()
+    free = x > 0
+    rows = torch.arange(x.shape[0], device=x.device)
+    for _ in range(iterations):
+        grad, hessian = grad_hessian(x)
+        hessian = hessian.expand(x.shape[0], -1, -1)
+        d, mu = _face_newton(hessian, grad, free, simplex)
+        shrinking = free & (d < 0)
+        ratio = torch.where(shrinking, x / (-d).clamp_min(1e-300), torch.full_like(x, float("inf")))
+        longest, blocking = ratio.min(dim=1)
+        longest = longest.clamp(max=1.0)
+        if value is None:
+            theta = longest
+            at_face_optimum = longest >= 1.0
+        else:
+            steps = longest * torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device)).unsqueeze(-1)
+            candidates = x.unsqueeze(0) + steps.unsqueeze(-1) * d.unsqueeze(0)  # (K, B, T)
+            values = value(candidates.reshape(-1, x.shape[1])).view(_LINE_SEARCH_STEPS, -1)
+            best_value, best = values.min(dim=0)
+            improves = best_value < value(x)
+            theta = torch.where(improves, steps[best, rows], torch.zeros_like(longest))
+            at_face_optimum = ~improves | ((theta >= 1.0) & (d.abs().amax(1) < tol**0.5))
+        blocked = (theta >= longest) & (longest < 1.0)
+        x = (x + theta.unsqueeze(-1) * d).clamp_min(0)
+        leaving = torch.nn.functional.one_hot(blocking, x.shape[1]).bool() & blocked.unsqueeze(-1)
+        x = torch.where(leaving, torch.zeros_like(x), x)
+        free = free & ~leaving
+        # Reduced gradient after the step (exact for a quadratic): on a face optimum the free
+        # coordinates share the value ν = −μ; a fixed coordinate below ν is a descent direction.
+        grad_after = grad + theta.unsqueeze(-1) * (hessian @ d.unsqueeze(-1)).squeeze(-1)
+        level = -mu if simplex else torch.zeros_like(mu)
+        violation = torch.where(free, torch.full_like(x, float("inf")), grad_after - level.unsqueeze(-1))
+        worst, entering = violation.min(dim=1)
+        enter = at_face_optimum & ~blocked & (worst < -tol)
+        free = free | (torch.nn.functional.one_hot(entering, x.shape[1]).bool() & enter.unsqueeze(-1))
+        if simplex:
+            x = x / x.sum(dim=1, keepdim=True)
+        if converged(at_face_optimum & ~blocked & ~enter):
+            break
+    return x
+
+
+def min_norm_simplex(gramian: Tensor, iterations: int = 100, start: Optional[Tensor] = None) -> Tensor:
+    """argmin_{w ∈ simplex} wᵀMw: the minimum-norm point of the convex hull of the task gradients
+    (MGDA, Sener & Koltun, arXiv 1810.04650), exactly, by the active-set method from ``start`` (a
+    point of the simplex; default uniform weights); the closed form for T = 2."""
     m = gramian.double()
     t = m.shape[0]
     if t == 1:
         return torch.ones(1, dtype=m.dtype, device=m.device)
-    i, j = torch.triu_indices(t, t, offset=1, device=m.device)
-    gamma, cost = min_norm_pair(m[i, i], m[i, j], m[j, j])
-    best = torch.argmin(cost)
-    w = torch.zeros(t, dtype=m.dtype, device=m.device)
-    w = w.index_put((i[best],), gamma[best]).index_put((j[best],), 1 - gamma[best], accumulate=True)
     if t == 2:
-        return w  # the best pair is the exact solution
-    eye = torch.eye(t, dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        grad = m @ w
-        vertex = torch.argmin(grad)
-        v1v1 = w @ grad
-        v1v2 = grad[vertex]
-        v2v2 = m[vertex, vertex]
-        step, _ = min_norm_pair(v2v2, v1v2, v1v1)  # weight of the vertex
-        new = (1 - step) * w + step * eye[vertex]
-        change = (new - w).abs().sum()
-        w = new
-        if converged(change, tol):  # the official stopping rule: Σ|Δw| < 1e-5
-            break
-    return w
+        gamma, _ = min_norm_pair(m[0, 0], m[0, 1], m[1, 1])
+        return torch.stack([gamma, 1 - gamma])
+    scale = m.diagonal().mean().clamp_min(1e-30)
+    q = m / scale + 1e-12 * torch.eye(t, dtype=m.dtype, device=m.device)
+    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
+    x = x.clamp_min(0) / x.clamp_min(0).sum()
+    return active_set_newton(lambda x: (x @ q, q), x.unsqueeze(0), simplex=True, iterations=iterations)[0]
 
 
-def project_to_simplex(v: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``v`` onto the probability simplex (sort-based)."""
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    css = u.cumsum(-1) - 1
-    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    rho = ((u - css / k) > 0).to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)
-    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
-    return (v - theta).clamp_min(0)
-
-
-def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200, tol: float = 1e-10) -> Tensor:
-    """argmin_{w∈simplex} wᵀM 1/T + c‖g_0‖ √(wᵀMw) (CAGrad's dual, arXiv 2110.14048) by projected
-    gradient descent with a step adapted to the local curvature of the square root."""
+def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, start: Optional[Tensor] = None) -> Tensor:
+    """argmin_{w∈simplex} wᵀM 1/T + c‖g_0‖ √(wᵀMw) (CAGrad's dual, arXiv 2110.14048; the official code
+    solves it with scipy's SLSQP from w = 1/T): active-set Newton with a line search, from ``start``
+    (default 1/T)."""
     m = gramian.double()
     t = m.shape[0]
     scale = m.mean().clamp_min(1e-30)  # ‖g_0‖²: the problem is invariant to scaling M
     m = m / scale
     b = m.mean(dim=1)  # M 1/T
-    lipschitz = torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-12)
-    w = torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        mw = m @ w
-        root = (w @ mw + 1e-8).sqrt()
-        grad = b + c * mw / root
-        step = 1.0 / (lipschitz * (1 + c / root))
-        new = project_to_simplex(w - step * grad)
-        change = (new - w).abs().max()
-        w = new
-        if converged(change, tol):
-            break
-    return w
+    eye = torch.eye(t, dtype=m.dtype, device=m.device)
+
+    def value(x: Tensor) -> Tensor:
+        return x @ b + c * (((x @ m) * x).sum(-1) + 1e-8).sqrt()
+
+    def grad_hessian(x: Tensor) -> tuple[Tensor, Tensor]:
+        mx = x @ m
+        root = ((mx * x).sum(-1, keepdim=True) + 1e-8).sqrt()
+        grad = b + c * mx / root
+        hessian = c * (m / root.unsqueeze(-1) - mx.unsqueeze(-1) * mx.unsqueeze(-2) / root.unsqueeze(-1) ** 3)
+        return grad, hessian + 1e-12 * eye
+
+    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
+    x = x.clamp_min(0) / x.clamp_min(0).sum()
+    return active_set_newton(grad_hessian, x.unsqueeze(0), simplex=True, iterations=iterations, value=value)[0]
 
 
-def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 20, tol: float = 1e-12) -> Tensor:
+def dual_cone_weights(gramian: Tensor, iterations: int = 100, start: Optional[Tensor] = None) -> Tensor:
+    """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
+
+    Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved as T non-negative
+    quadratic programs in u = v − e_i by the active-set method, from ``start`` (a previous solution
+    v; default v = I); ``gramian`` should be normalised and regularised (positive definite) by the
+    caller, as TorchJD does.
+    """
+    m = gramian.double()
+    t = m.shape[0]
+    eye = torch.eye(t, dtype=m.dtype, device=m.device)
+    hessian = 2 * m
+    u = (warm_start(start, eye) - eye).clamp_min(0)
+    u = active_set_newton(lambda x: ((x + eye) @ hessian, hessian), u, simplex=False, iterations=iterations)
+    return u + eye
+
+
+def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 30, tol: float = 1e-10) -> Tensor:
     """Positive solution w of M w = w^(−1/power) (elementwise power).
 
     power = 1 is Nash-MTL's bargaining condition Mα = 1/α (arXiv 2202.01017); general power is
     FairGrad's α-fair condition (arXiv 2402.15638). It is the minimiser of the strictly convex
-    ½wᵀMw − Σ φ(w_t) with φ' = w^(−1/power), found by damped Newton steps that stay positive.
+    G(w) = ½wᵀMw − Σ φ(w_t) with φ' = w^(−1/power), found by Newton steps with a batched
+    backtracking line search that keeps every coordinate positive.
     """
     m = gramian.double()
     w = init.double().clamp_min(1e-8)
     p = float(power)
+    exponent = 1.0 - 1.0 / p
+
+    def objective(x: Tensor) -> Tensor:
+        barrier = torch.log(x) if p == 1.0 else x.pow(exponent) / exponent
+        quadratic = 0.5 * ((x @ m) * x).sum(-1)
+        return torch.where((x > 0).all(-1), quadratic - barrier.sum(-1), torch.full_like(quadratic, float("inf")))
+
+    fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device)).unsqueeze(-1)
     for _ in range(iterations):
         residual = m @ w - w.pow(-1.0 / p)
         hessian = m + torch.diag(w.pow(-1.0 / p - 1.0) / p)
         delta = torch.linalg.solve(hessian, residual)
         decrement = (residual @ delta).clamp_min(0).sqrt()
-        step = 1.0 / (1.0 + decrement)
-        # Keep every coordinate positive (at most 90% of the way to the boundary).
+        # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
         limit = torch.where(delta > 0, w / delta.clamp_min(1e-300), torch.full_like(w, float("inf"))).min()
-        step = torch.minimum(step, 0.9 * limit)
-        w = w - step * delta
-        if converged(decrement, tol):
+        longest = torch.clamp(0.99 * limit, max=1.0)
+        candidates = w - (longest * fractions) * delta
+        values = objective(candidates)
+        best = torch.argmin(values)
+        searched = torch.where(values[best] < objective(w), candidates[best], w)
+        # Close to the solution (small Newton decrement) the full step converges quadratically, while
+        # the objective's differences fall below float64 resolution: take it without comparing.
+        w = torch.where(decrement < 0.1, candidates[0], searched)
+        if converged(decrement < tol):
             break
     return w
-
-
-def dual_cone_weights(gramian: Tensor, iterations: int = 300, tol: float = 1e-10) -> Tensor:
-    """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
-
-    Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved by accelerated projected
-    gradient (FISTA) on the box constraint; ``gramian`` should be normalised and
-    regularised (positive definite) by the caller.
-    """
-    m = gramian.double()
-    t = m.shape[0]
-    lower = torch.eye(t, dtype=m.dtype, device=m.device)
-    step = 1.0 / (2 * torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-12))
-    v = lower.clone()
-    y = v
-    momentum = torch.ones((), dtype=m.dtype, device=m.device)
-    for _ in range(iterations):
-        v_next = torch.maximum(y - step * 2 * (y @ m), lower)
-        momentum_next = (1 + (1 + 4 * momentum**2).sqrt()) / 2
-        y = v_next + ((momentum - 1) / momentum_next) * (v_next - v)
-        change = (v_next - v).abs().max()
-        v = v_next
-        momentum = momentum_next
-        if converged(change, tol):
-            break
-    return v

@@ -19,10 +19,10 @@ class UPGrad(GradientBalancer):
 
     Args:
         norm_eps, reg_eps: TorchJD's defaults 1e-4.
-        iterations: accelerated projected-gradient iterations of the T box-constrained QPs.
+        iterations: budget of active-set steps of the T box-constrained QPs (default 2T + 4).
     """
 
-    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: int = 300,
+    def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: Optional[int] = None,
                  mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__(mode, batched)
         if norm_eps < 0 or reg_eps < 0:
@@ -30,10 +30,13 @@ class UPGrad(GradientBalancer):
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
         self.iterations = iterations
+        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         trace = gramian.trace()
         normalized = torch.where(trace >= self.norm_eps, gramian / trace.clamp_min(1e-30), torch.zeros_like(gramian))
         regularized = normalized + self.reg_eps * torch.eye(t, dtype=gramian.dtype, device=gramian.device)
-        return dual_cone_weights(regularized, self.iterations).mean(0)
+        budget = 2 * t + 4 if self.iterations is None else self.iterations
+        self._previous = dual_cone_weights(regularized, budget, self._previous)
+        return self._previous.mean(0)

@@ -170,16 +170,28 @@ class MultiTaskModule(pl.LightningModule):
         """Per-task outputs (raw logits / values) for the input ``x``."""
         return self.heads_forward(self.encoder(x))
 
-    def heads_forward(self, features: Any, tasks: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
-        """Outputs of the heads of ``tasks`` (default: every task) on the encoder's ``features``."""
+    def heads_forward(
+        self, features: Any, tasks: Optional[Sequence[str]] = None, head_inputs: Optional[dict[str, Tensor]] = None
+    ) -> dict[str, Tensor]:
+        """Outputs of the heads of ``tasks`` (default: every task) on the encoder's ``features``.
+
+        With ``head_inputs`` (a dict to fill), each head reads its own alias of a shared feature tensor
+        (``features.view_as(features)``), stored there by task: the gradient engine then gets every
+        task's own ∂L_t/∂z from one backward of Σ_t L_t (a gradient w.r.t. an alias holds only the
+        contributions through it).
+        """
         names = list(self.heads) if tasks is None else list(tasks)
         if isinstance(features, Mapping):
             missing = [n for n in names if n not in features]
             if missing:
                 raise TaskConfigError(f"The encoder returned features for {sorted(features)} but not for task(s) {missing}.")
             per_task = {name: features[name] for name in names}
+        elif head_inputs is not None and isinstance(features, Tensor) and features.requires_grad:
+            per_task = {name: features.view_as(features) for name in names}
         else:
             per_task = {name: features for name in names}
+        if head_inputs is not None and not isinstance(features, Mapping):
+            head_inputs.update(per_task)
         return {
             name: self.heads[name](per_task[name].detach() if name in self.detached_tasks else per_task[name])
             for name in names
@@ -221,13 +233,15 @@ class MultiTaskModule(pl.LightningModule):
             )
         return dict(batch)
 
-    def _forward_batch(self, batch: Mapping[str, Any], stage: str) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+    def _forward_batch(
+        self, batch: Mapping[str, Any], stage: str, head_inputs: Optional[dict[str, Tensor]] = None
+    ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
         """(features, outputs, targets) of the tasks the batch carries. A task-routed batch encodes
         each sub-batch separately (shapes may differ) and its features are a dict by task."""
         routed = self.routed_tasks(batch)
         if routed is None:
             features = self.encoder(self._input(batch))
-            outputs = self.heads_forward(features)
+            outputs = self.heads_forward(features, head_inputs=head_inputs)
             targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
         else:
             features, outputs, targets = {}, {}, {}
@@ -241,14 +255,18 @@ class MultiTaskModule(pl.LightningModule):
                 self._checked_stages.add((stage, name))
         return features, outputs, targets
 
-    def compute_losses(self, batch: Mapping[str, Any], stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+    def compute_losses(
+        self, batch: Mapping[str, Any], stage: str = "train", head_inputs: Optional[dict[str, Tensor]] = None
+    ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
         """Encode, run the heads, and compute each task's mean loss over its labelled samples.
+
+        ``head_inputs``: a dict to fill with the tensor each head read (see :meth:`heads_forward`).
 
         Returns (features, outputs, losses); a task with no labelled sample (or, in a task-routed
         batch, no sub-batch) is absent from losses and outputs.
         Raises ``FloatingPointError`` naming the task when a loss is not finite.
         """
-        features, outputs, targets = self._forward_batch(batch, stage)
+        features, outputs, targets = self._forward_batch(batch, stage, head_inputs)
         counts = torch.stack([self.tasks[n].valid_mask(targets[n]).sum() for n in outputs]).tolist()
         losses = {
             name: self.tasks[name].loss(outputs[name], targets[name])
@@ -404,7 +422,8 @@ class MultiTaskModule(pl.LightningModule):
         return (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        features, outputs, losses = self.compute_losses(batch, "train")
+        head_inputs: dict[str, Tensor] = {}
+        features, outputs, losses = self.compute_losses(batch, "train", head_inputs)
         if not losses:
             raise ValueError(
                 f"Training batch {batch_idx} has no label for any task ({self.task_names}); "
@@ -432,6 +451,7 @@ class MultiTaskModule(pl.LightningModule):
             epoch=self.current_epoch,
             is_last_microbatch=last,
             _module=self,
+            head_inputs=head_inputs or None,
         )
         weights = self.balancer.backward(ctx)
         if last:
