@@ -1,0 +1,109 @@
+"""The Gramian solvers against scipy on hard cases: many active constraints, warm starts, and the
+accelerator path (full iteration budget, no convergence test)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares, minimize, nnls
+
+from mtl_lightning.gradients import solvers
+from mtl_lightning.gradients.solvers import (
+    cagrad_simplex_weights, dual_cone_weights, min_norm_simplex, power_balance, warm_start,
+)
+
+
+def conflicting_gramian(t: int, seed: int, p: int = 30) -> np.ndarray:
+    """Gradients in opposing pairs plus a few aligned ones: the solutions sit on faces of the simplex."""
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(t, p))
+    jac[1::2] = -0.8 * jac[0::2][: len(jac[1::2])] + 0.4 * rng.normal(size=(len(jac[1::2]), p))
+    jac *= rng.uniform(0.1, 10.0, size=(t, 1))  # very different gradient norms
+    return jac @ jac.T
+
+
+def slsqp_simplex(objective, t):
+    cons = {"type": "eq", "fun": lambda w: w.sum() - 1}
+    return minimize(objective, np.ones(t) / t, bounds=[(0, 1)] * t, constraints=cons, method="SLSQP",
+                    options={"ftol": 1e-15, "maxiter": 2000}).x
+
+
+@pytest.mark.parametrize("t,seed", [(3, 0), (6, 1), (9, 2), (16, 3)])
+def test_min_norm_simplex_is_optimal(t, seed):
+    m = conflicting_gramian(t, seed)
+    w = min_norm_simplex(torch.tensor(m), iterations=4 * t).numpy()
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    ref = slsqp_simplex(lambda x: x @ m @ x, t)
+    assert w @ m @ w <= ref @ m @ ref * (1 + 1e-9) + 1e-12
+    # KKT: every task with positive weight has the minimal (Mw)_t; the others are not below it.
+    grad = m @ w
+    level = w @ grad
+    scale = np.abs(m).max()
+    assert np.all(grad >= level - 1e-8 * scale)
+    assert np.all(np.abs(grad[w > 1e-9] - level) <= 1e-8 * scale)
+
+
+@pytest.mark.parametrize("t,seed,c", [(3, 0, 0.4), (8, 1, 0.5), (12, 2, 0.8)])
+def test_cagrad_simplex_weights_minimise_the_official_objective(t, seed, c):
+    m = conflicting_gramian(t, seed)
+    w = cagrad_simplex_weights(torch.tensor(m), c, iterations=60).numpy()
+    mn = m / m.mean()
+    objective = lambda x: x @ mn.mean(1) + c * np.sqrt(x @ mn @ x + 1e-8)
+    ref = slsqp_simplex(objective, t)
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    assert objective(w) <= objective(ref) + 1e-9
+
+
+@pytest.mark.parametrize("t,seed", [(4, 0), (9, 1), (16, 2)])
+def test_dual_cone_weights_match_nnls(t, seed):
+    m = conflicting_gramian(t, seed)
+    m = m / np.trace(m) + 1e-4 * np.eye(t)
+    v = dual_cone_weights(torch.tensor(m), iterations=4 * t).numpy()
+    # Independent: v_i − e_i = argmin_{u ≥ 0} ‖L(e_i + u)‖² with LᵀL = M, by scipy's NNLS.
+    factor = np.linalg.cholesky(m).T
+    for i in range(t):
+        u, _ = nnls(factor, -factor[:, i])
+        np.testing.assert_allclose(v[i], np.eye(t)[i] + u, atol=1e-8)
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_power_balance_matches_least_squares(power):
+    m = conflicting_gramian(6, 4)
+    m = m / np.linalg.norm(m)
+    w = power_balance(torch.tensor(m), power, torch.full((6,), 1 / 6, dtype=torch.float64)).numpy()
+    ref = least_squares(lambda x: m @ x - x ** (-1 / power), np.ones(6) / 6, bounds=(0, np.inf),
+                        xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+    np.testing.assert_allclose(m @ w, w ** (-1 / power), rtol=1e-8)
+    np.testing.assert_allclose(w, ref, rtol=1e-6)
+
+
+def test_warm_start_changes_iterations_not_the_answer():
+    m1 = torch.tensor(conflicting_gramian(8, 5))
+    m2 = m1 + 0.05 * torch.tensor(conflicting_gramian(8, 6))  # the next step's Gramian
+    cold = min_norm_simplex(m2, 64)
+    warm = min_norm_simplex(m2, 64, start=min_norm_simplex(m1, 64))
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-10)
+    cold_v = dual_cone_weights(m2 / m2.trace(), 64)
+    warm_v = dual_cone_weights(m2 / m2.trace(), 64, start=dual_cone_weights(m1 / m1.trace(), 64))
+    torch.testing.assert_close(warm_v, cold_v, rtol=0, atol=1e-10)
+
+
+def test_unusable_warm_starts_fall_back_to_the_default():
+    default = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert torch.equal(warm_start(torch.tensor([float("nan"), 0.5, 0.5]), default), default)
+    assert torch.equal(warm_start(torch.ones(4), default), default)
+    assert torch.equal(warm_start(None, default), default)
+    previous = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    assert torch.equal(warm_start(previous, default), previous)
+
+
+def test_full_budget_without_convergence_test_gives_the_same_answers(monkeypatch):
+    """On accelerators the solvers never read a value (no convergence test): running the whole budget
+    past convergence must not move the solution."""
+    m = torch.tensor(conflicting_gramian(7, 7))
+    expected = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
+                power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
+    monkeypatch.setattr(solvers, "converged", lambda flag: False)
+    got = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
+           power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
