@@ -25,13 +25,15 @@ class PCGrad(GradientBalancer):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         orders = torch.argsort(torch.rand((t, t), generator=self.generator.get(gramian.device), device=gramian.device), dim=1)
+        # Everything indexed by (i, k) is gathered once; the loop over k is sequential by definition.
+        partner_rows = gramian[orders]  # [i, k] = M[j_ik, :]
+        partner_squares = gramian.diagonal().clamp_min(1e-30)[orders]
+        partner_onehots = torch.nn.functional.one_hot(orders, t).to(gramian.dtype)
         coeffs = torch.eye(t, dtype=gramian.dtype, device=gramian.device)
-        rows = torch.arange(t, device=gramian.device)
-        sq_norms = gramian.diagonal().clamp_min(1e-30)
         for k in range(t):
-            j = orders[:, k]
-            dots = (coeffs * gramian[:, j].T).sum(1)  # g_i^PC · g_j for every i
-            coeffs[rows, j] -= torch.where(dots < 0, dots / sq_norms[j], torch.zeros_like(dots))
+            dots = (coeffs * partner_rows[:, k]).sum(1)  # g_i^PC · g_j for every i
+            step = torch.where(dots < 0, dots / partner_squares[:, k], torch.zeros_like(dots))
+            coeffs = coeffs - step.unsqueeze(1) * partner_onehots[:, k]
         return coeffs.sum(0)
 
     def state_dict(self) -> dict[str, Any]:
