@@ -162,12 +162,13 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, star
     b = m.mean(dim=1)  # M 1/T
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
 
+    # A float32 Gramian can be slightly indefinite (g_1 ≈ −g_2): wᵀMw is clamped at 0.
     def value(x: Tensor) -> Tensor:
-        return x @ b + c * (((x @ m) * x).sum(-1) + 1e-8).sqrt()
+        return x @ b + c * (((x @ m) * x).sum(-1).clamp_min(0) + 1e-8).sqrt()
 
     def grad_hessian(x: Tensor) -> tuple[Tensor, Tensor]:
         mx = x @ m
-        root = ((mx * x).sum(-1, keepdim=True) + 1e-8).sqrt()
+        root = ((mx * x).sum(-1, keepdim=True).clamp_min(0) + 1e-8).sqrt()
         grad = b + c * mx / root
         hessian = c * (m / root.unsqueeze(-1) - mx.unsqueeze(-1) * mx.unsqueeze(-2) / root.unsqueeze(-1) ** 3)
         return grad, hessian + 1e-12 * eye
