@@ -110,8 +110,11 @@ class TwoObjectiveModule(MultiTaskModule):
         self.direct = False
         self.trajectory: list[Tensor] = []
 
-    def compute_losses(self, batch: Any, stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
-        # The generic path (label checks, masks, host syncs) costs more than the toy itself.
+    def compute_losses(
+        self, batch: Any, stage: str = "train", head_inputs: Optional[dict[str, Tensor]] = None
+    ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+        # The generic path (label checks, masks, host syncs) costs more than the toy itself. The toy
+        # has no heads, so ``head_inputs`` stays empty.
         x = self.encoder.x
         l1, l2 = two_objective_losses(x)
         scales = [t.scale for t in self.tasks.values()]  # type: ignore[attr-defined]
