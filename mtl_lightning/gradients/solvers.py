@@ -53,7 +53,7 @@ def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor
     return gamma, cost
 
 
-def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, simplex: bool) -> tuple[Tensor, Tensor]:
+def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, simplex: bool, ridge: float) -> tuple[Tensor, Tensor]:
     """Newton direction d over the free coordinates only (and Σd = 0 on the simplex), batched over rows.
 
     Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0 (zero without the simplex):
@@ -62,6 +62,9 @@ def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, simplex: bool) -> 
     batch, t = grad.shape
     dtype = grad.dtype
     pair = free.unsqueeze(-1) & free.unsqueeze(-2)
+    if ridge > 0:  # relative to the Hessian's scale
+        shift = ridge * hessian.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)
+        hessian = hessian + torch.diag_embed(shift.unsqueeze(-1).expand_as(grad))
     matrix = torch.where(pair, hessian, torch.zeros((), dtype=dtype, device=grad.device)) + torch.diag_embed((~free).to(dtype))
     rhs = -torch.where(free, grad, torch.zeros((), dtype=dtype, device=grad.device))
     if not simplex:
@@ -97,7 +100,9 @@ def active_set_newton(
     for _ in range(iterations):
         grad, hessian = grad_hessian(x)
         hessian = hessian.expand(x.shape[0], -1, -1)
-        d, mu = _face_newton(hessian, grad, free, simplex)
+        # Quadratics bring their own regularisation (an exact step needs the exact Hessian); for the
+        # others a relative ridge keeps the Newton system regular where the Hessian is singular.
+        d, mu = _face_newton(hessian, grad, free, simplex, ridge=0.0 if value is None else 1e-10)
         shrinking = free & (d < 0)
         ratio = torch.where(shrinking, x / (-d).clamp_min(1e-300), torch.full_like(x, float("inf")))
         longest, blocking = ratio.min(dim=1)
@@ -157,9 +162,14 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, star
     (default 1/T)."""
     m = gramian.double()
     t = m.shape[0]
-    scale = m.mean().clamp_min(1e-30)  # ‖g_0‖²: the problem is invariant to scaling M
+    # Dividing the objective by s = mean ‖g_t‖² leaves the minimiser unchanged: c‖g_0‖√(wᵀMw) becomes
+    # c√(‖g_0‖²/s)√(wᵀ(M/s)w). (Not by ‖g_0‖² itself, which vanishes when the gradients cancel.)
+    scale = m.diagonal().mean().clamp_min(1e-30)
     m = m / scale
+    c = c * m.mean().clamp_min(0).sqrt()
     b = m.mean(dim=1)  # M 1/T
+    if t == 2:
+        return _cagrad_pair_weights(m, b, c)
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
 
     # A float32 Gramian can be slightly indefinite (g_1 ≈ −g_2): wᵀMw is clamped at 0.
@@ -178,6 +188,29 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, star
     return active_set_newton(grad_hessian, x.unsqueeze(0), simplex=True, iterations=iterations, value=value)[0]
 
 
+def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
+    """The T = 2 case of :func:`cagrad_simplex_weights` in closed form (the official toy minimises the
+    same one-dimensional problem with a bounded scalar search).
+
+    With w = (γ, 1−γ): F(γ) = b₂ + βγ + c√(q(γ) + 1e-8), β = b₁ − b₂, q(γ) = Aγ² + 2Bγ + m₂₂ convex.
+    F'(γ) = 0 gives u = Aγ + B = −sign(β)|β|√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B². The minimum is
+    the best of γ = 0, 1 and that root. Near a Pareto-stationary point (g_w ≈ 0, where the square
+    root is not smooth) iterative solvers need many steps; this does not.
+    """
+    a = m[0, 0] - 2 * m[0, 1] + m[1, 1]
+    bb = m[0, 1] - m[1, 1]
+    beta = b[0] - b[1]
+    d = (a * (m[1, 1] + 1e-8) - bb**2).clamp_min(0)
+    u = -torch.sign(beta) * beta.abs() * (d / (c**2 * a - beta**2)).sqrt()
+    root = (u - bb) / a
+    root = torch.where(torch.isfinite(root), root, torch.full_like(root, 0.5)).clamp(0, 1)
+    gammas = torch.stack([torch.zeros_like(root), torch.ones_like(root), root])
+    q = (a * gammas**2 + 2 * bb * gammas + m[1, 1]).clamp_min(0)
+    objective = b[1] + beta * gammas + c * (q + 1e-8).sqrt()
+    gamma = gammas[torch.argmin(objective)]
+    return torch.stack([gamma, 1 - gamma])
+
+
 def dual_cone_weights(gramian: Tensor, iterations: int = 100, start: Optional[Tensor] = None) -> Tensor:
     """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
 
@@ -189,7 +222,7 @@ def dual_cone_weights(gramian: Tensor, iterations: int = 100, start: Optional[Te
     m = gramian.double()
     t = m.shape[0]
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
-    hessian = 2 * m
+    hessian = 2 * m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * eye  # regular even for reg_eps = 0
     u = (warm_start(start, eye) - eye).clamp_min(0)
     u = active_set_newton(lambda x: ((x + eye) @ hessian, hessian), u, simplex=False, iterations=iterations)
     return u + eye
