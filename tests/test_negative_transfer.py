@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import os
+import pickle
 import warnings
 from functools import partial
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from mtl_lightning.models import MultiTaskModule
 from mtl_lightning.models.encoders import MLP, SmallCNN
 from mtl_lightning.monitoring import NegativeTransferMonitor, gradient_geometry, lookahead_updates, select_networks
 from mtl_lightning.monitoring.grouping import _partitions
+from mtl_lightning.monitoring.report import HeatmapWriter
 from mtl_lightning.tasks import ClassificationTask, RegressionTask
 
 
@@ -180,6 +182,21 @@ def test_network_selection_recovers_planted_affinity_blocks():
         select_networks(torch.zeros(11, 11), [str(i) for i in range(11)])
     with pytest.raises(ValueError, match="affinity of shape"):
         select_networks(torch.zeros(2, 3), ["x", "y"])
+
+
+def test_heatmap_writer_reuses_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    writer = HeatmapWriter()
+    m = torch.tensor([[1.0, float("nan")], [-0.5, 0.2]])
+    paths = [writer.save(m * (k + 1), ["x", "y"], f"title {k}", str(tmp_path / f"h{k}.png"), "j", "i") for k in range(2)]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert len(writer._figures) == 1  # same tasks and labels: one figure, updated
+    entry = next(iter(writer._figures.values()))
+    assert entry["title"].get_text() == "title 1" and entry["texts"][0][1].get_text() == "–"
+    assert entry["texts"][1][0].get_text() == "-1" and entry["image"].get_clim() == (-2.0, 2.0)
+    with pytest.raises(ValueError, match="matrix of shape"):
+        writer.save(torch.zeros(3, 3), ["x", "y"], "t", str(tmp_path / "bad.png"), "j", "i")
+    assert pickle.loads(pickle.dumps(writer))._figures == {}  # figures stay behind (ddp_spawn pickles callbacks)
 
 
 # ---------------------------------------------------------------------------- options and baselines
@@ -371,7 +388,7 @@ def test_monitor_does_not_change_training_and_writes_heatmaps_and_report(tmp_pat
         pl.seed_everything(0)
         dm = PlantedGroupsDataModule(num_train=512, num_val=128)
         model = _planted_model(dm)
-        monitor = NegativeTransferMonitor(interval=2, window=3, output_dir=str(tmp_path / "nt"))
+        monitor = NegativeTransferMonitor(interval=2, window=3, output_dir=str(tmp_path / "nt"), plot_every_n_epochs=1)
         trainer = _trainer(max_epochs=2, callbacks=[monitor] if with_monitor else [])
         trainer.fit(model, dm)
         return model, monitor
