@@ -3,9 +3,12 @@ actions, reporting, planted structure, MultiDigits, DDP and the baselines comman
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import pickle
+import warnings
 from functools import partial
 from types import SimpleNamespace
 
@@ -20,6 +23,7 @@ from mtl_lightning.models import MultiTaskModule
 from mtl_lightning.models.encoders import MLP, SmallCNN
 from mtl_lightning.monitoring import NegativeTransferMonitor, gradient_geometry, lookahead_updates, select_networks
 from mtl_lightning.monitoring.grouping import _partitions
+from mtl_lightning.monitoring.report import HeatmapWriter
 from mtl_lightning.tasks import ClassificationTask, RegressionTask
 
 
@@ -99,6 +103,52 @@ def test_lookahead_follows_the_real_optimizer(factory, history):
             assert torch.allclose(updates[k][t], p.detach() - b, atol=1e-6, rtol=1e-5), (t, k)
 
 
+@pytest.mark.parametrize("reference", ["zero_gradient", "current"])
+def test_affinity_against_real_optimizer_steps(reference):
+    """Z_{i→j} from ``measure`` equals 1 - L_j(θ_i)/L_j(θ_ref), with θ_i the parameters after a real
+    Adam step on task i's shared-parameter gradient alone (heads untouched), and θ_ref the real
+    Adam step on a zero gradient (``zero_gradient``: momentum only) or θ itself (``current``)."""
+    torch.manual_seed(0)
+    dm = PlantedGroupsDataModule(num_train=64, num_val=8, num_test=8, batch_size=64)
+    dm.setup()
+    model = _planted_model(dm)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    batch = next(iter(dm.train_dataloader()))
+    monitor = NegativeTransferMonitor(affinity_reference=reference)
+    _setup(monitor, model)
+    shared = list(model.encoder.parameters())
+
+    def losses(m):
+        with torch.no_grad():
+            return torch.stack(monitor._task_losses(m, batch, m.encoder(m._input(batch)))[0])
+
+    for _ in range(3):  # momentum and second-moment state
+        optimizer.zero_grad()
+        sum(monitor._task_losses(model, batch, model.encoder(model._input(batch)))[0]).backward()
+        optimizer.step()
+
+    def stepped_losses(grads):
+        m, opt = copy.deepcopy((model, optimizer))  # one deepcopy: the optimizer keeps pointing at m's parameters
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(m.encoder.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+        return losses(m)
+
+    task_losses = monitor._task_losses(model, batch, model.encoder(model._input(batch)))[0]
+    task_grads = [torch.autograd.grad(l, shared, retain_graph=True) for l in task_losses]
+    reference_losses = stepped_losses([torch.zeros_like(p) for p in shared]) if reference == "zero_gradient" else losses(model)
+    expected = torch.stack([1 - stepped_losses(g) / reference_losses for g in task_grads]).double()
+    trainer = SimpleNamespace(optimizers=[optimizer], world_size=1,
+                              precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    state = copy.deepcopy(optimizer.state_dict())
+    signals = monitor.measure(trainer, model, batch)
+    assert torch.allclose(signals["affinity"], expected, atol=1e-6, rtol=1e-4)
+    assert repr(optimizer.state_dict()) == repr(state)
+    if reference == "zero_gradient":  # Adam's momentum moves every task's loss: the references differ
+        assert not torch.allclose(reference_losses, losses(model), rtol=1e-4)
+
+
 def test_lookahead_falls_back_to_sgd_with_a_note():
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.RMSprop([p], lr=0.5)
@@ -134,6 +184,21 @@ def test_network_selection_recovers_planted_affinity_blocks():
         select_networks(torch.zeros(2, 3), ["x", "y"])
 
 
+def test_heatmap_writer_reuses_its_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    writer = HeatmapWriter()
+    m = torch.tensor([[1.0, float("nan")], [-0.5, 0.2]])
+    paths = [writer.save(m * (k + 1), ["x", "y"], f"title {k}", str(tmp_path / f"h{k}.png"), "j", "i") for k in range(2)]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert len(writer._figures) == 1  # same tasks and labels: one figure, updated
+    entry = next(iter(writer._figures.values()))
+    assert entry["title"].get_text() == "title 1" and entry["texts"][0][1].get_text() == "–"
+    assert entry["texts"][1][0].get_text() == "-1" and entry["image"].get_clim() == (-2.0, 2.0)
+    with pytest.raises(ValueError, match="matrix of shape"):
+        writer.save(torch.zeros(3, 3), ["x", "y"], "t", str(tmp_path / "bad.png"), "j", "i")
+    assert pickle.loads(pickle.dumps(writer))._figures == {}  # figures stay behind (ddp_spawn pickles callbacks)
+
+
 # ---------------------------------------------------------------------------- options and baselines
 @pytest.mark.parametrize(
     "kwargs, match",
@@ -143,6 +208,8 @@ def test_network_selection_recovers_planted_affinity_blocks():
         (dict(window=0), "window must be"),
         (dict(downweight_factor=1.5), "downweight_factor"),
         (dict(max_networks=0), "max_networks"),
+        (dict(affinity_reference="theta"), "affinity_reference must be one of"),
+        (dict(harm_min_fraction=-0.1), "harm_min_fraction must be >= 0"),
     ],
 )
 def test_bad_options_raise(kwargs, match):
@@ -180,7 +247,8 @@ def _fake_trainer(step: int = 7):
 
 
 def _monitor_with_window(matrices, **kwargs):
-    monitor = NegativeTransferMonitor(window=max(len(matrices), 1), **kwargs)
+    kwargs.setdefault("window", max(len(matrices), 1))
+    monitor = NegativeTransferMonitor(**kwargs)
     model = _planted_model(PlantedGroupsDataModule())
     _setup(monitor, model)
     for m in matrices:
@@ -204,8 +272,71 @@ def test_harm_rule_flags_the_task_that_hurts_everyone_not_the_group_members():
     monitor._apply_harm_rule(trainer, model)
     assert [(f["task"], f["rule"], f["step"]) for f in monitor.flagged] == [("random", "harms_others", 7)]
     evidence = monitor.flagged[0]["evidence"]
-    assert evidence["t_statistic"] < -3 and all(v < 0 for v in evidence["affinity_given"].values())
-    assert len(monitor.recent_affinity) == 0  # fresh evidence after a decision
+    assert evidence["least_hurt_t_statistic"] == max(evidence["t_statistic"].values()) < -3
+    assert all(v < 0 for v in evidence["affinity_given"].values())
+    assert len(monitor.recent_affinity) == 0 and float(monitor.harm_count.max()) == 0  # fresh evidence after a decision
+
+
+def test_harm_rule_needs_each_target_hurt_significantly():
+    """a1 hurts the other group strongly and its partner a2 not significantly (window mean slightly
+    negative, t ≈ -0.5): the mean over its targets is very significant, but it does not hurt every
+    task, so it is not flagged; the random task, which hurts each task significantly, is."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(10, 5, 5, generator=gen)
+    noise = (noise - noise.mean(0)) / noise.std(0)  # exactly mean 0, std 1 per entry over the window
+    mean = torch.full((5, 5), -0.02)  # across groups: strong harm
+    mean[0, 1] = mean[1, 0] = mean[2, 3] = mean[3, 2] = 0.01
+    mean[0, 1] = -0.0005  # a1 -> a2: noisy around zero
+    mean[4, :4] = -0.004
+    scale = torch.full((5, 5), 0.001)
+    scale[0, 1] = 0.003
+    matrices = list(mean + scale * noise)  # t(a1 -> a2) = -0.0005 / (0.003 / sqrt(10)) ≈ -0.53
+    monitor, model = _monitor_with_window(matrices)
+    stats = monitor.harm_statistics()
+    assert float(stats["t_stat"][0, 1]) == pytest.approx(-0.0005 / (0.003 / 10**0.5), rel=1e-4)
+    assert float(stats["least_hurt_t"][0]) == pytest.approx(float(stats["t_stat"][0, 1]))
+    with pytest.warns(UserWarning, match="task 'random' flagged"):
+        monitor._apply_harm_rule(_fake_trainer(), model)
+    assert [f["task"] for f in monitor.flagged] == ["random"]
+
+
+@pytest.mark.parametrize("fraction, flagged", [(0.5, []), (0.1, ["random"])])
+def test_harm_rule_needs_material_harm(fraction, flagged):
+    """Every task's own step lowers its loss by 2% (diagonal), the random task's step raises the
+    others' by 0.4%, very significantly: it undoes 20% of their own progress, under the 50% default."""
+    matrices = [m + torch.diag(torch.full((5,), 0.022)) for m in _planted_affinities(10)]
+    monitor, model = _monitor_with_window(matrices, harm_min_fraction=fraction)
+    assert float(monitor.harm_statistics()["least_hurt_t"][4]) < -3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monitor._apply_harm_rule(_fake_trainer(), model)
+    assert [f["task"] for f in monitor.flagged] == flagged
+    if flagged:
+        undone = monitor.flagged[0]["evidence"]["fraction_of_own_progress_undone"]
+        assert all(0.15 < v < 0.25 for v in undone.values())
+
+
+def test_harm_rule_accumulates_persistent_weak_harm_since_the_last_decision():
+    """The random task hurts every task by 0.001 per measurement with noise 0.002: no window of 10
+    is significant, the 40 measurements since the start are (t = -0.001 / (0.002 / sqrt(40)) ≈ -3.16)."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(40, 5, 5, generator=gen)
+    noise = (noise - noise.mean(0)) / noise.std(0)
+    mean = torch.full((5, 5), -0.002)
+    mean[0, 1] = mean[1, 0] = mean[2, 3] = mean[3, 2] = 0.01
+    mean[4, :4] = -0.001
+    monitor, model = _monitor_with_window([], window=10)
+    for m in mean + 0.002 * noise:
+        monitor._record({"losses": torch.ones(5), "affinity": m.double(), "cosine": torch.zeros(5, 5, dtype=torch.float64),
+                         "gms": torch.ones(5, 5, dtype=torch.float64), "norms": torch.ones(5, dtype=torch.float64)})
+    assert float(monitor.harm_statistics("window")["least_hurt_t"][4]) > -3
+    since = monitor.harm_statistics("since_decision")
+    assert float(since["least_hurt_t"][4]) == pytest.approx(-0.001 / (0.002 / 40**0.5), rel=1e-6)
+    with pytest.warns(UserWarning, match="task 'random' flagged"):
+        monitor._apply_harm_rule(_fake_trainer(), model)
+    assert [(f["task"], f["evidence"]["span"], f["evidence"]["measurements"]) for f in monitor.flagged] == [("random", "since_decision", 40)]
+    with pytest.raises(ValueError, match="span must be"):
+        monitor.harm_statistics("all")
 
 
 def test_harm_rule_ignores_noise_around_zero():
@@ -257,7 +388,7 @@ def test_monitor_does_not_change_training_and_writes_heatmaps_and_report(tmp_pat
         pl.seed_everything(0)
         dm = PlantedGroupsDataModule(num_train=512, num_val=128)
         model = _planted_model(dm)
-        monitor = NegativeTransferMonitor(interval=2, window=3, output_dir=str(tmp_path / "nt"))
+        monitor = NegativeTransferMonitor(interval=2, window=3, output_dir=str(tmp_path / "nt"), plot_every_n_epochs=1)
         trainer = _trainer(max_epochs=2, callbacks=[monitor] if with_monitor else [])
         trainer.fit(model, dm)
         return model, monitor
@@ -288,31 +419,23 @@ def test_state_round_trip():
 
 
 @pytest.mark.slow
-def test_planted_structure_grouping_recovers_the_two_groups():
-    pl.seed_everything(0)
-    dm = PlantedGroupsDataModule(num_train=1024)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_structure_random_task_flagged_and_groups_recovered(seed):
+    """One setting (README, "Planted-structure benchmark"): the random-target task, and no other, is
+    flagged by ``harms_others``, and the recommended networks are the two planted groups (the random
+    task alone). Seeds 0-2 here; the README reports the rate over 20 seeds."""
+    pl.seed_everything(seed)
+    dm = PlantedGroupsDataModule(num_train=1024, seed=seed)
     monitor = NegativeTransferMonitor(interval=5, window=10)
-    _trainer(max_epochs=8, callbacks=[monitor]).fit(_planted_model(dm), dm)
-    groups = monitor.report["grouping"]["groups"]
-    assert ["a1", "a2"] in groups and ["b1", "b2"] in groups, groups
-    Z = monitor.mean_affinity
-    assert Z[0, 1] > 0 and Z[2, 3] > 0  # within-group help
-    assert Z[0, 2] < 0 and Z[2, 0] < 0  # across-group harm
-
-
-@pytest.mark.slow
-def test_planted_random_label_task_is_flagged_as_harmful():
-    """With room to memorise (wide encoder, 256 samples) the random-label task's steps raise every
-    other task's loss; it, and no group task, is flagged by ``harms_others``."""
-    pl.seed_everything(0)
-    dm = PlantedGroupsDataModule(num_train=256)
-    tasks = [RegressionTask(n, num_outputs=dm.outputs_per_task) for n in dm.task_names]
-    model = MultiTaskModule(MLP(dm.input_dim, (256, 6)), tasks, optimizer=partial(torch.optim.Adam, lr=3e-3))
-    monitor = NegativeTransferMonitor(interval=2, window=10)
-    _trainer(max_epochs=20, callbacks=[monitor]).fit(model, dm)
+    _trainer(max_epochs=30, callbacks=[monitor]).fit(_planted_model(dm), dm)
     harmful = [f for f in monitor.flagged if f["rule"] == "harms_others"]
     assert [f["task"] for f in harmful] == ["random"], monitor.flagged
-    assert all(v < 0 for v in harmful[0]["evidence"]["affinity_given"].values())
+    assert all(t < -3 for t in harmful[0]["evidence"]["t_statistic"].values())
+    assert monitor.report["grouping"]["groups"] == [["a1", "a2"], ["b1", "b2"], ["random"]]
+    Z = monitor.mean_affinity
+    assert min(Z[0, 1], Z[1, 0], Z[2, 3], Z[3, 2]) > 0  # within a group: help
+    assert Z[:2, 2:4].max() < 0 and Z[2:4, :2].max() < 0  # across groups: harm
+    assert Z[4, :4].max() < 0  # the random task hurts every other task on average
 
 
 @pytest.mark.slow
@@ -323,8 +446,11 @@ def test_multidigits_left_right_reports_no_victims():
     _trainer(max_epochs=3, callbacks=[monitor]).fit(_digits_model(), dm)
     assert monitor.report["flagged"] == []
     assert monitor.measurements == 12
-    assert (monitor.mean_affinity[0, 1] > 0) and (monitor.mean_affinity[1, 0] > 0)
-    assert monitor.report["grouping"]["groups"] == [["left", "right"]]
+    # The two digits' gradients barely affect each other: each task's step changes the other's loss
+    # by less than a quarter of what that task's own step achieves.
+    Z = monitor.mean_affinity
+    assert Z[0, 0] > 0 and Z[1, 1] > 0
+    assert abs(Z[0, 1]) < 0.25 * Z[1, 1] and abs(Z[1, 0]) < 0.25 * Z[0, 0]
 
 
 class _RankRecorder(NegativeTransferMonitor):

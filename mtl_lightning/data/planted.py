@@ -1,14 +1,18 @@
 """A planted-structure benchmark for negative-transfer monitoring.
 
-Inputs x ~ N(0, I_d). Two groups of regression tasks; the tasks of a group read the same latent
-factor z_g = U_g x (a ``latent_dim``-dimensional projection, the two groups' projections
-orthogonal), each through its own random mixing and a tanh: y = tanh(A_t z_g) + noise. Within a
-group the tasks agree on what the encoder should extract; across groups they compete for the
-encoder's features (give it ``out_features = latent_dim``: room for one group's factor only), so
-steps for one group erase the other's. One more task, ``random``, has a fixed random class label
-per sample: nothing to learn but noise, which it forces into the shared features. Its labels are
-Gaussian with scale ``random_scale`` (a regression task, ``outputs_per_task`` values per sample),
-so that its loss, like a badly scaled auxiliary task's, is large and never falls.
+Inputs x ~ N(0, I_d). Two groups of regression tasks, ``a`` and ``b``. Each group has one latent
+factor, f_g = tanh(z_g M_g), a nonlinear function of z_g = U_g x (a ``latent_dim``-dimensional
+projection of x; the two groups' projections are orthogonal, M_g is a random rotation). Every
+task of a group reads that same factor through its own random orthonormal readout R_t:
+y_t = f_g R_t + noise. So the tasks of a group need exactly the same features (any one of them
+determines the others linearly, on every draw), and the two groups need unrelated ones. Give
+the encoder ``out_features = latent_dim``: room for one group's factor only, so the groups compete
+for the shared features (conflict across groups) while the tasks of a group help each other.
+
+One more task, ``random``, has a fixed random target per sample, independent of x: nothing to
+learn, only noise to memorise into the shared features. Its targets are Gaussian with scale
+``random_scale`` (regression, ``outputs_per_task`` values per sample), so that its loss, like a
+badly scaled auxiliary task's, is large and never falls.
 
 Tasks: ``a1 … a<k>`` (group A), ``b1 … b<k>`` (group B), ``random``; all regression.
 """
@@ -72,20 +76,24 @@ class PlantedGroupsDataModule(MultiTaskDataModule):
 
     def build_datasets(self) -> dict[str, TensorDictDataset]:
         generator = torch.Generator().manual_seed(self.seed)
-        basis, _ = torch.linalg.qr(torch.randn(self.input_dim, 2 * self.latent_dim, generator=generator))
+
+        def orthonormal(rows: int, cols: int) -> torch.Tensor:
+            """A random (rows, cols) matrix with orthonormal columns (or rows, if rows < cols)."""
+            q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=generator))
+            return q if rows >= cols else q.T
+
+        basis = orthonormal(self.input_dim, 2 * self.latent_dim)
         projections = {"a": basis[:, : self.latent_dim], "b": basis[:, self.latent_dim :]}
-        mixing = {
-            name: torch.randn(self.latent_dim, self.outputs_per_task, generator=generator) / self.latent_dim**0.5
-            for group in self.groups.values() for name in group
-        }
+        rotations = {g: orthonormal(self.latent_dim, self.latent_dim) for g in self.groups}
+        readouts = {name: orthonormal(self.latent_dim, self.outputs_per_task) for names in self.groups.values() for name in names}
         datasets = {}
         for split, n in self.sizes.items():
             x = torch.randn(n, self.input_dim, generator=generator)
             data = {"input": x}
             for group, names in self.groups.items():
-                latent = x @ projections[group]
+                factor = torch.tanh(x @ projections[group] @ rotations[group])
                 for name in names:
-                    clean = torch.tanh(latent @ mixing[name])
+                    clean = factor @ readouts[name]
                     data[name] = clean + self.noise * torch.randn(clean.shape, generator=generator)
             if self.random_task:
                 data["random"] = self.random_scale * torch.randn(n, self.outputs_per_task, generator=generator)

@@ -50,8 +50,16 @@ def select_networks(affinity: Tensor, task_names: Sequence[str], max_networks: O
 
     ``affinity[i, j]`` is Z_{i→j} (the affinity task i gives task j; NaN entries count as 0). The
     score of a partition is the mean over tasks of :func:`received_affinity`; ties go to fewer
-    networks. This is TAG's selection without task overlap (each task in one network), exhaustive
-    over all set partitions, so it is limited to ``MAX_TASKS_EXHAUSTIVE`` tasks.
+    networks. Exhaustive over all set partitions, so limited to ``MAX_TASKS_EXHAUSTIVE`` tasks.
+
+    Against TAG's official selection (``google-research/tag/network_selection``): the per-task score
+    is the same, the affinity onto the task averaged over the other members of its network. TAG
+    scores a task alone −10⁶ (never chosen) and lets networks overlap, each task served by its best
+    network under a budget; here networks are disjoint and a task alone scores 0 ("receives no other
+    task's gradient"). That baseline assumes Z without a per-target offset, i.e. measured against
+    the optimizer's zero-gradient step (the monitor's default): TAG's reference adds the shared
+    momentum step's effect to every Z_{i→j} of a target j, which TAG's own rule, never comparing
+    with a task alone, ignores.
     """
     names = list(task_names)
     n = len(names)

@@ -9,7 +9,12 @@ with the model in eval mode and measures, from all DDP ranks:
   per-task gradient engine;
 * TAG's inter-task affinity (Fifty et al. 2021, arXiv 2109.04617): a lookahead step of the shared
   parameters along each task's gradient through the real optimizer, heads unchanged, and the
-  relative change of every task's loss on the same batch, Z_{i→j} = 1 − L_j(θ'_i) / L_j(θ).
+  relative change of every task's loss on the same batch, Z_{i→j} = 1 − L_j(θ'_i) / L_j(θ'_∅).
+  θ'_∅ is the optimizer's step with a zero gradient (its momentum and weight decay alone): that
+  part of every lookahead is the same whatever the task, so comparing against it leaves the
+  effect of task i's own gradient. With plain SGD θ'_∅ = θ, which is TAG's definition;
+  ``affinity_reference="current"`` compares against θ as TAG's official code does (see
+  :class:`NegativeTransferMonitor` for why that is not the default).
 
 At every validation it reads the per-task Δ against single-task baselines (logged by the module
 once baselines are known) and the per-task validation losses. Rules turn the signals into flagged
@@ -36,11 +41,12 @@ from torch.func import functional_call
 
 from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
 from mtl_lightning.monitoring.grouping import MAX_TASKS_EXHAUSTIVE, select_networks
-from mtl_lightning.monitoring.report import save_heatmap, write_report
+from mtl_lightning.monitoring.report import HeatmapWriter, write_report
 from mtl_lightning.monitoring.signals import gradient_geometry, lookahead_updates
 
 ACTIONS = ("warn", "downweight", "detach", "stop")
 RULES = ("harms_others", "negative_delta", "diverging_loss")
+AFFINITY_REFERENCES = ("zero_gradient", "current")
 
 
 def load_baselines(path: str) -> dict[str, dict[str, float]]:
@@ -71,15 +77,29 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 class NegativeTransferMonitor(Callback):
     """Measure negative-transfer signals every ``interval`` steps, flag tasks, act, and report.
 
+    Affinity reference. With a stateful optimizer most of every lookahead step is the optimizer's
+    own momentum (Adam: β1 = 0.9 of the first moment), identical for every source task. Measured
+    against θ (TAG's official code), that common step adds the same offset to every Z_{i→j} of a
+    target j, and the offset changes sign during training (it helps everyone early; once one
+    task dominates the momentum it can hurt everyone). Against θ'_∅ (the default) the offset
+    cancels and Z_{i→j} is the effect of task i's gradient alone.
+
     Rules (a task is flagged at most once per rule; the action is applied the first time a task
     is flagged):
 
-    * ``harms_others`` — over the last ``window`` measurements, the task's lookahead raised the
-      loss of *every* other task (mean Z_{i→j} < 0 for all j ≠ i), persistently: the mean affinity
-      it gives is negative with a t-statistic (across measurements) below −``harm_significance``.
-      A task that helps its own group and hurts another is not flagged (that is a grouping
-      question, see the report). When several tasks qualify only the most significant is flagged
-      and the window restarts, so a mutual conflict of two tasks flags one of them.
+    * ``harms_others`` — the task's lookahead raised the loss of *every* other task, each
+      significantly: for every j ≠ i the mean of Z_{i→j} is negative with a t-statistic (across
+      measurements) below −``harm_significance``. This is an intersection-union test: "hurts
+      every other task" holds at the level of each one-target test. The harm must also be
+      material, not only significant: −mean Z_{i→j} ≥ ``harm_min_fraction`` × mean Z_{j→j}, i.e.
+      task i's step undoes at least that fraction of what task j's own step achieves (any harm
+      counts when j's own step no longer lowers its loss). It is checked over two spans:
+      the last ``window`` measurements (harm that starts late) and every measurement since the
+      rule last flagged a task, or since the start (harm that persists but is weak per window; TAG
+      likewise averages the affinity over training). A task that helps its own group and hurts
+      another is not flagged (that is a grouping question, see the report). When several tasks
+      qualify, the one whose least-hurt target has the most negative t is flagged and the evidence
+      restarts, so a mutual conflict of two tasks flags one of them.
     * ``negative_delta`` — Δ_t < −``delta_tolerance`` (% against the single-task baseline) at
       ``patience`` consecutive validations, checked from epoch ``delta_from_epoch`` on (None:
       never during training; Δ at the last validation is always in the report).
@@ -94,9 +114,13 @@ class NegativeTransferMonitor(Callback):
         interval: Measure every this many optimizer steps.
         action: What to do when a task is flagged (one of ``ACTIONS``).
         downweight_factor: Loss multiplier applied by ``downweight`` (in (0, 1)).
-        window: Measurements the ``harms_others`` rule averages over (and needs before deciding).
-        harm_significance: t-statistic threshold of ``harms_others`` (3: about 1 false flag in 700
-            windows for a task whose true affinity is 0).
+        window: Measurements in the recent span of ``harms_others``, and the least it needs before deciding.
+        harm_significance: t-statistic threshold of ``harms_others``, per target (3 with the default
+            window of 10: a one-sided level of about 0.008 for a target whose true affinity is 0).
+        harm_min_fraction: Smallest material harm of ``harms_others``, as a fraction of each target's
+            own progress per step (0.5: the task undoes at least half of it).
+        affinity_reference: ``"zero_gradient"`` (Z against the optimizer's step without gradient)
+            or ``"current"`` (against the current parameters, as TAG's official code).
         patience: Consecutive validations needed by ``negative_delta`` and ``diverging_loss``.
         delta_tolerance: Margin (%) of ``negative_delta``.
         delta_from_epoch: First epoch at which ``negative_delta`` may act (None: report only).
@@ -105,7 +129,9 @@ class NegativeTransferMonitor(Callback):
         per_layer: Also log the gradient cosine per shared layer (module owning the parameters).
         max_networks: Budget on the number of networks of the recommended grouping (None: T).
         output_dir: Where PNGs and the report go (default: ``<checkpoint dir or log dir>/negative_transfer``).
-        plot_every_n_epochs: Heatmaps at the end of every n-th training epoch (0: only at the end).
+        plot_every_n_epochs: Also write heatmaps at the end of every n-th training epoch (default 0:
+            only the final ones; each pair costs about 0.1-0.2 s of CPU whatever the epoch's length,
+            and the logged scalars already show how the signals evolve).
         batched_jacobian: One vmapped backward for all tasks (falls back to a loop when unsupported).
     """
 
@@ -116,6 +142,8 @@ class NegativeTransferMonitor(Callback):
         downweight_factor: float = 0.1,
         window: int = 10,
         harm_significance: float = 3.0,
+        harm_min_fraction: float = 0.5,
+        affinity_reference: str = "zero_gradient",
         patience: int = 3,
         delta_tolerance: float = 0.0,
         delta_from_epoch: Optional[int] = None,
@@ -124,19 +152,24 @@ class NegativeTransferMonitor(Callback):
         per_layer: bool = False,
         max_networks: Optional[int] = None,
         output_dir: Optional[str] = None,
-        plot_every_n_epochs: int = 1,
+        plot_every_n_epochs: int = 0,
         batched_jacobian: bool = True,
     ) -> None:
         super().__init__()
         if action not in ACTIONS:
             raise ValueError(f"NegativeTransferMonitor: action must be one of {ACTIONS}, got {action!r}.")
+        if affinity_reference not in AFFINITY_REFERENCES:
+            raise ValueError(
+                f"NegativeTransferMonitor: affinity_reference must be one of {AFFINITY_REFERENCES}, got {affinity_reference!r}."
+            )
         for option, value, low in (("interval", interval, 1), ("window", window, 1), ("patience", patience, 1), ("plot_every_n_epochs", plot_every_n_epochs, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"NegativeTransferMonitor: {option} must be an integer >= {low}, got {value!r}.")
         if not 0.0 < downweight_factor < 1.0:
             raise ValueError(f"NegativeTransferMonitor: downweight_factor must lie in (0, 1), got {downweight_factor}.")
-        if harm_significance < 0 or delta_tolerance < 0:
-            raise ValueError("NegativeTransferMonitor: harm_significance and delta_tolerance must be >= 0.")
+        for option, value in (("harm_significance", harm_significance), ("harm_min_fraction", harm_min_fraction), ("delta_tolerance", delta_tolerance)):
+            if not value >= 0:
+                raise ValueError(f"NegativeTransferMonitor: {option} must be >= 0, got {value!r}.")
         if max_networks is not None and max_networks < 1:
             raise ValueError(f"NegativeTransferMonitor: max_networks must be >= 1, got {max_networks}.")
         self.interval = interval
@@ -144,6 +177,8 @@ class NegativeTransferMonitor(Callback):
         self.downweight_factor = downweight_factor
         self.window = window
         self.harm_significance = harm_significance
+        self.harm_min_fraction = harm_min_fraction
+        self.affinity_reference = affinity_reference
         self.patience = patience
         self.delta_tolerance = delta_tolerance
         self.delta_from_epoch = delta_from_epoch
@@ -156,6 +191,7 @@ class NegativeTransferMonitor(Callback):
         self.batched_jacobian = batched_jacobian
         self.task_names: list[str] = []
         self._resolved_dir: Optional[str] = None
+        self._heatmap_writer = HeatmapWriter()
         self._last_measured_step = -1
         self._reset_state(0)
 
@@ -167,7 +203,10 @@ class NegativeTransferMonitor(Callback):
         self.gms_sum, self.conflict_count = zeros(num_tasks, num_tasks), zeros(num_tasks, num_tasks)
         self.norm_sum, self.norm_count = zeros(num_tasks), zeros(num_tasks)
         self.affinity_sum, self.affinity_count = zeros(num_tasks, num_tasks), zeros(num_tasks, num_tasks)
+        # Evidence of the harms_others rule: the last `window` matrices, and running sums of Z, Z² and
+        # counts since the rule's last decision.
         self.recent_affinity: deque[Tensor] = deque(maxlen=self.window)
+        self.harm_sum, self.harm_sumsq, self.harm_count = (zeros(num_tasks, num_tasks) for _ in range(3))
         self.val_losses: list[dict[str, float]] = []
         self.val_deltas: list[dict[str, float]] = []
         self.flagged: list[dict[str, Any]] = []
@@ -201,7 +240,8 @@ class NegativeTransferMonitor(Callback):
         for key in ("val_losses", "val_deltas", "flagged", "acted_on", "notes"):
             setattr(self, key, list(state_dict[key]))
 
-    _TENSORS = ("cosine_sum", "cosine_count", "gms_sum", "conflict_count", "norm_sum", "norm_count", "affinity_sum", "affinity_count")
+    _TENSORS = ("cosine_sum", "cosine_count", "gms_sum", "conflict_count", "norm_sum", "norm_count", "affinity_sum",
+                "affinity_count", "harm_sum", "harm_sumsq", "harm_count")
 
     # ------------------------------------------------------------------ averages
     @staticmethod
@@ -285,12 +325,15 @@ class NegativeTransferMonitor(Callback):
         pl_module.log_dict(self._scalars(signals), on_step=True, on_epoch=False)
         self._apply_harm_rule(trainer, pl_module)
 
-    def _task_losses(self, module: Any, batch: Mapping[str, Any], features: Any) -> tuple[list[Tensor], Tensor]:
-        """Each task's raw loss (no multiplier, no detach: the task as it would act) and presence."""
+    def _task_losses(
+        self, module: Any, batch: Mapping[str, Any], features: Any, known_present: Optional[Sequence[bool]] = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Each task's raw loss (no multiplier, no detach: the task as it would act) and presence.
+        ``known_present`` (from an earlier call on the same batch) skips the label check, a host sync per task."""
         losses, present = [], []
-        for name, task in module.tasks.items():
+        for k, (name, task) in enumerate(module.tasks.items()):
             target = task.get_target(batch)
-            has_labels = bool(task.valid_mask(target).any())
+            has_labels = bool(task.valid_mask(target).any()) if known_present is None else known_present[k]
             present.append(has_labels)
             feats = features[name] if isinstance(features, Mapping) else features
             losses.append(task.loss(module.heads[name](feats), target).float() if has_labels else None)
@@ -321,26 +364,35 @@ class NegativeTransferMonitor(Callback):
             local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
             local[rows] = flatten_jacobian(per_param).float()
             base_local = torch.stack([l.detach() if l is not None else torch.zeros((), device=local.device) for l in losses])
+            present_list = present.tolist()  # still on the host
             present = present.to(local.device)
             jacobian = self._mean_over_ranks(trainer, local, present)
             stepped = ~jacobian[:, 0].isnan()
+            stepped_list = stepped.tolist()  # one host sync
             grads = list(torch.nan_to_num(jacobian).split([p.numel() for p in params], dim=1))
             grads = [g.reshape(num_tasks, *p.shape).to(p.dtype) for g, p in zip(grads, params)]
+            # Row T: the zero gradient, i.e. the step the optimizer takes whatever the task (momentum,
+            # weight decay). Each task's lookahead is compared with it, so Z isolates that task's own effect.
+            with_reference = self.affinity_reference == "zero_gradient"
+            if with_reference:
+                grads = [torch.cat([g, torch.zeros_like(g[:1])]) for g in grads]
             updates, note = lookahead_updates(trainer.optimizers[0], params, grads)
             if note and note not in self.notes:
                 self.notes.append(note)
                 rank_zero_warn(f"NegativeTransferMonitor: {note}")
-            lookahead = torch.zeros(num_tasks, num_tasks, device=local.device)
+            lookahead = torch.zeros(num_tasks + 1, num_tasks, device=local.device)
             with torch.no_grad():
-                for i in range(num_tasks):
-                    if not stepped[i]:
+                for i in range(num_tasks + with_reference):
+                    if i < num_tasks and not stepped_list[i]:
                         continue
                     moved = {n: p.detach() + u[i] for (n, p), u in zip(named, updates)}
-                    after, _ = self._task_losses(module, batch, functional_call(module.encoder, moved, (x,), strict=False))
+                    features = functional_call(module.encoder, moved, (x,), strict=False)
+                    after, _ = self._task_losses(module, batch, features, present_list)
                     lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=local.device) for l in after])
         both = self._mean_over_ranks(trainer, torch.cat([base_local[None], lookahead]).T, present).T
-        base, after = both[0], both[1:]
-        affinity = 1.0 - after / torch.where(base > 0, base, torch.full_like(base, float("nan")))[None, :]
+        base, after = both[0], both[1:-1]
+        reference = both[-1] if with_reference else base
+        affinity = 1.0 - after / torch.where(reference > 0, reference, torch.full_like(reference, float("nan")))[None, :]
         affinity[~stepped] = float("nan")
         signals = {"losses": base, "affinity": affinity, **gradient_geometry(torch.nan_to_num(jacobian))}
         for key in ("cosine", "gms"):
@@ -349,7 +401,10 @@ class NegativeTransferMonitor(Callback):
         signals["norms"][~stepped] = float("nan")
         if self.per_layer:
             signals.update(self._per_layer_cosine(jacobian, named))
-        return {k: v.detach().double().cpu() for k, v in signals.items()}
+        # One device-to-host copy for all signals.
+        flat = torch.cat([v.detach().double().reshape(-1) for v in signals.values()]).cpu()
+        parts = flat.split([v.numel() for v in signals.values()])
+        return {k: part.view(v.shape) for (k, v), part in zip(signals.items(), parts)}
 
     def _per_layer_cosine(self, jacobian: Tensor, named: Sequence[tuple[str, Tensor]]) -> dict[str, Tensor]:
         layers: dict[str, list[int]] = {}
@@ -377,6 +432,10 @@ class NegativeTransferMonitor(Callback):
         self.affinity_sum += torch.nan_to_num(s["affinity"])
         self.affinity_count += aff_ok.double()
         self.recent_affinity.append(s["affinity"].clone())
+        finite = torch.nan_to_num(s["affinity"])
+        self.harm_sum += finite
+        self.harm_sumsq += finite**2
+        self.harm_count += aff_ok.double()
 
     def _scalars(self, s: dict[str, Tensor]) -> dict[str, float]:
         names = self.task_names
@@ -399,43 +458,71 @@ class NegativeTransferMonitor(Callback):
         return {k: v for k, v in out.items() if math.isfinite(v)}
 
     # ------------------------------------------------------------------ rules
-    def harm_statistics(self) -> Optional[dict[str, Tensor]]:
-        """Over the recent window: mean Z_{i→j} (T, T), and per source task the mean affinity it
-        gives the others and that mean's t-statistic across measurements. None until the window is full."""
-        if len(self.recent_affinity) < self.window:
+    def _t_statistics(self, mean: Tensor, var: Tensor, count: Tensor) -> dict[str, Tensor]:
+        """t of every mean Z_{i→j} (NaN on the diagonal and below two values) and, per source, the
+        largest over its targets (its least-hurt target; NaN if any target's t is undefined)."""
+        t_stat = mean / (var.clamp_min(0).sqrt() / count.clamp_min(1).sqrt()).clamp_min(1e-30)
+        eye = torch.eye(len(self.task_names), dtype=torch.bool)
+        t_stat = t_stat.masked_fill((count < 2) | eye, float("nan"))
+        least_hurt = t_stat.masked_fill(eye, -float("inf")).max(dim=1).values  # max propagates NaN
+        own_progress = torch.diagonal(mean).clamp_min(0)  # what each target's own step achieves
+        material = (mean < 0) & (-mean >= self.harm_min_fraction * own_progress[None, :])
+        return {"mean": mean, "t_stat": t_stat, "least_hurt_t": least_hurt, "material": (material | eye).all(dim=1),
+                "measurements": count.max()}
+
+    def harm_statistics(self, span: str = "window") -> Optional[dict[str, Tensor]]:
+        """The evidence of ``harms_others`` over ``span``: ``"window"`` (the last ``window``
+        measurements) or ``"since_decision"`` (every measurement since the rule last flagged a task,
+        or since the start). Returns the mean Z_{i→j} (T, T), its t-statistic across the
+        measurements (T, T), each source's largest t over its targets (T,) and whether its harm is
+        material for every target (T,); None while the span holds fewer than ``window`` measurements."""
+        if span == "window":
+            if len(self.recent_affinity) < self.window:
+                return None
+            stack = torch.stack(list(self.recent_affinity))  # (W, T, T)
+            count = stack.isfinite().sum(0).double()
+            mean = torch.nanmean(stack, dim=0)
+            var = torch.nansum((stack - mean) ** 2, dim=0) / (count - 1).clamp_min(1)
+            return self._t_statistics(mean, var, count)
+        if span != "since_decision":
+            raise ValueError(f"harm_statistics: span must be 'window' or 'since_decision', got {span!r}.")
+        count = self.harm_count
+        if float(count.max()) < self.window:
             return None
-        stack = torch.stack(list(self.recent_affinity))  # (W, T, T)
-        off = ~torch.eye(len(self.task_names), dtype=torch.bool)
-        given = torch.stack([torch.nanmean(m[off].view(len(self.task_names), -1), dim=1) for m in stack])  # (W, T)
-        count = given.isfinite().sum(0).double()
-        mean_given = torch.nanmean(given, dim=0)
-        var = torch.nansum((given - mean_given) ** 2, dim=0) / (count - 1).clamp_min(1)
-        t_stat = mean_given / (var.sqrt() / count.sqrt()).clamp_min(1e-30)
-        return {"mean": torch.nanmean(stack, dim=0), "mean_given": mean_given, "t_stat": t_stat}
+        mean = self.harm_sum / count.clamp_min(1)
+        var = (self.harm_sumsq - count * mean**2) / (count - 1).clamp_min(1)
+        return self._t_statistics(mean, var, count)
 
     def _apply_harm_rule(self, trainer: pl.Trainer, module: Any) -> None:
-        stats = self.harm_statistics()
-        if stats is None:
-            return
         candidates = []
-        for i, name in enumerate(self.task_names):
-            given = torch.cat([stats["mean"][i, :i], stats["mean"][i, i + 1 :]])
-            if self._already_flagged(name, "harms_others") or not bool(given.isfinite().all()):
+        for span in ("window", "since_decision"):
+            stats = self.harm_statistics(span)
+            if stats is None:
                 continue
-            if bool((given < 0).all()) and float(stats["t_stat"][i]) < -self.harm_significance:
-                candidates.append((float(stats["t_stat"][i]), i))
+            for i, name in enumerate(self.task_names):
+                worst = float(stats["least_hurt_t"][i])
+                significant = math.isfinite(worst) and worst < -self.harm_significance
+                if significant and bool(stats["material"][i]) and not self._already_flagged(name, "harms_others"):
+                    candidates.append((worst, i, span, stats))
         if not candidates:
             return
-        t_stat, i = min(candidates)
+        t_stat, i, span, stats = min(candidates, key=lambda c: (c[0], c[1]))
+        others = [(j, b) for j, b in enumerate(self.task_names) if j != i]
         evidence = {
-            "mean_affinity_given": float(stats["mean_given"][i]),
-            "t_statistic": t_stat,
-            "affinity_given": {b: float(stats["mean"][i, j]) for j, b in enumerate(self.task_names) if j != i},
-            "mean_cosine": {b: float(self.mean_cosine[i, j]) for j, b in enumerate(self.task_names) if j != i},
-            "conflict_rate": {b: float(self.conflict_rate[i, j]) for j, b in enumerate(self.task_names) if j != i},
-            "window": len(self.recent_affinity),
+            "least_hurt_t_statistic": t_stat,
+            "affinity_given": {b: float(stats["mean"][i, j]) for j, b in others},
+            "t_statistic": {b: float(stats["t_stat"][i, j]) for j, b in others},
+            "fraction_of_own_progress_undone": {
+                b: float(-stats["mean"][i, j] / stats["mean"][j, j]) if float(stats["mean"][j, j]) > 0 else None for j, b in others
+            },
+            "mean_cosine": {b: float(self.mean_cosine[i, j]) for j, b in others},
+            "conflict_rate": {b: float(self.conflict_rate[i, j]) for j, b in others},
+            "span": span,
+            "measurements": int(stats["measurements"]),
         }
         self.recent_affinity.clear()
+        for tensor in (self.harm_sum, self.harm_sumsq, self.harm_count):
+            tensor.zero_()
         self._flag(trainer, module, self.task_names[i], "harms_others", evidence)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -513,9 +600,9 @@ class NegativeTransferMonitor(Callback):
             return []
         folder = os.path.join(self._resolved_dir, "heatmaps")
         paths = [
-            save_heatmap(self.mean_cosine, self.task_names, f"Gradient cosine ({tag})",
+            self._heatmap_writer.save(self.mean_cosine, self.task_names, f"Gradient cosine ({tag})",
                          os.path.join(folder, f"cosine_{tag}.png"), "task j", "task i"),
-            save_heatmap(self.mean_affinity, self.task_names, f"Affinity Z(i→j) ({tag})",
+            self._heatmap_writer.save(self.mean_affinity, self.task_names, f"Affinity Z(i→j) ({tag})",
                          os.path.join(folder, f"affinity_{tag}.png"), "target j (receives)", "source i (steps)"),
         ]
         for logger in trainer.loggers:
@@ -534,6 +621,7 @@ class NegativeTransferMonitor(Callback):
         report: dict[str, Any] = {
             "tasks": names,
             "interval": self.interval,
+            "affinity_reference": self.affinity_reference,
             "measurements": self.measurements,
             "global_step": trainer.global_step,
             "action": self.action,

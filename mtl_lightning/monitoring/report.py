@@ -10,38 +10,80 @@ from typing import Any, Sequence
 from torch import Tensor
 
 
-def save_heatmap(matrix: Tensor, task_names: Sequence[str], title: str, path: str, xlabel: str, ylabel: str) -> str:
-    """Write ``matrix`` as an annotated heatmap PNG (diverging colours centred on 0) and return ``path``.
+class HeatmapWriter:
+    """Writes annotated heatmap PNGs (diverging colours centred on 0; rows are sources, columns
+    targets) and keeps one figure per (task names, axis labels): a later image of the same kind
+    only updates the colours, the numbers and the title, then draws.
 
-    Rows are sources, columns targets. matplotlib is imported here, without pyplot, so that the
-    monitor never changes the user's plotting backend and costs nothing when plots are off.
+    Cost matters because the monitor draws inside ``trainer.fit``: margins are computed from the
+    label lengths instead of a layout pass, and PNGs are written with light compression. matplotlib
+    is imported here, without pyplot, so that the monitor never changes the user's plotting backend
+    and costs nothing when plots are off.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    values = matrix.detach().double().cpu()
-    finite = values[values.isfinite()]
-    limit = float(finite.abs().max()) if finite.numel() else 1.0
-    limit = limit if limit > 0 else 1.0
-    n = len(task_names)
-    fig = Figure(figsize=(1.2 + 0.8 * n, 1.0 + 0.7 * n))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    image = ax.imshow(values.numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
-    ax.set_xticks(range(n), labels=list(task_names), rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=list(task_names))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    for i in range(n):
-        for j in range(n):
-            v = float(values[i, j])
-            ax.text(j, i, "–" if math.isnan(v) else f"{v:.2g}", ha="center", va="center", fontsize=8)
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    def __init__(self, dpi: int = 100) -> None:
+        self.dpi = dpi
+        self._figures: dict[tuple, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # figures stay behind when the monitor is pickled (ddp_spawn)
+        return {"dpi": self.dpi, "_figures": {}}
+
+    def _figure(self, task_names: Sequence[str], xlabel: str, ylabel: str) -> dict[str, Any]:
+        key = (tuple(task_names), xlabel, ylabel)
+        if key in self._figures:
+            return self._figures[key]
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        n = len(task_names)
+        longest = max(len(name) for name in task_names)
+        char = 10 / 72 * 0.6  # inches per character of 10-pt text
+        left = 0.45 + char * longest  # y tick labels and the y label
+        bottom = 0.45 + char * longest * 0.71  # x tick labels at 45° and the x label
+        width, height = left + 0.55 * n + 1.0, bottom + 0.55 * n + 0.45  # + colour bar, + title
+        fig = Figure(figsize=(width, height))
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((left / width, bottom / height, 0.55 * n / width, 0.55 * n / height))
+        image = ax.imshow([[0.0] * n] * n, cmap="RdBu", vmin=-1.0, vmax=1.0)
+        ax.set_xticks(range(n), labels=list(task_names), rotation=45, ha="right")
+        ax.set_yticks(range(n), labels=list(task_names))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        colorbar_axes = fig.add_axes(((left + 0.55 * n + 0.15) / width, bottom / height, 0.15 / width, 0.55 * n / height))
+        fig.colorbar(image, cax=colorbar_axes)
+        entry = {
+            "figure": fig,
+            "image": image,
+            "title": ax.set_title(""),
+            "texts": [[ax.text(j, i, "", ha="center", va="center", fontsize=8) for j in range(n)] for i in range(n)],
+        }
+        self._figures[key] = entry
+        return entry
+
+    def save(self, matrix: Tensor, task_names: Sequence[str], title: str, path: str, xlabel: str, ylabel: str) -> str:
+        """Write ``matrix`` (T, T) as a heatmap PNG at ``path`` and return ``path``."""
+        values = matrix.detach().double().cpu()
+        if values.shape != (len(task_names), len(task_names)):
+            raise ValueError(f"HeatmapWriter: matrix of shape {tuple(values.shape)} for {len(task_names)} tasks.")
+        finite = values[values.isfinite()]
+        limit = float(finite.abs().max()) if finite.numel() else 1.0
+        limit = limit if limit > 0 else 1.0
+        entry = self._figure(task_names, xlabel, ylabel)
+        entry["image"].set_data(values.numpy())
+        entry["image"].set_clim(-limit, limit)
+        entry["title"].set_text(title)
+        for i, row in enumerate(entry["texts"]):
+            for j, text in enumerate(row):
+                v = float(values[i, j])
+                text.set_text("–" if math.isnan(v) else f"{v:.2g}")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        entry["figure"].savefig(path, dpi=self.dpi, pil_kwargs={"compress_level": 1})
+        return path
+
+
+def save_heatmap(matrix: Tensor, task_names: Sequence[str], title: str, path: str, xlabel: str, ylabel: str) -> str:
+    """Write ``matrix`` as an annotated heatmap PNG and return ``path`` (one-off :class:`HeatmapWriter`)."""
+    return HeatmapWriter().save(matrix, task_names, title, path, xlabel, ylabel)
 
 
 def _fmt(value: Any) -> str:
