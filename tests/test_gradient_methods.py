@@ -152,6 +152,19 @@ def test_cagrad_with_zero_radius_is_the_mean_gradient():
     np.testing.assert_allclose(direction(CAGrad(c=0.0), jac), jac.mean(0), atol=1e-10)
 
 
+def test_cagrad_nearly_opposite_gradients_with_an_indefinite_gramian_stay_finite():
+    # g1 ≈ −g2 (the average loss at its minimum), Gramian from float32 products: one eigenvalue is
+    # slightly negative, so wᵀMw < 0 for some w. Seen on the two-objective toy (NaN before the fix).
+    gram = torch.tensor([[0.06474335491657257, -0.06470233201980591],
+                         [-0.06470233201980591, 0.06466133147478104]], dtype=torch.float64)
+    assert torch.linalg.eigvalsh(gram)[0] < 0
+    w = CAGrad(c=0.5).weights(gram, torch.ones(2))
+    assert torch.isfinite(w).all()
+    # d = Jᵀw stays as small as the average gradient (‖d‖ ≤ (1 + c)‖g_0‖ / (1 + c²)).
+    d_sq = (w @ gram @ w).clamp_min(0)
+    assert float(d_sq.sqrt()) <= 1.5 * float(gram.mean().clamp_min(0).sqrt() + 1e-4)
+
+
 # ----------------------------------------------------------------------------------------- Nash-MTL
 def test_nash_mtl_solves_the_bargaining_condition():
     jac = random_jacobian(4, p=9, seed=2)

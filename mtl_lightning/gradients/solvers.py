@@ -80,7 +80,7 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200, tol
     w = torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)
     for _ in range(iterations):
         mw = m @ w
-        root = (w @ mw + 1e-8).sqrt()
+        root = ((w @ mw).clamp_min(0) + 1e-8).sqrt()  # a float32 Gramian can be slightly indefinite
         grad = b + c * mw / root
         step = 1.0 / (lipschitz * (1 + c / root))
         new = project_to_simplex(w - step * grad)
