@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.tasks.task import MetricSpec, Task
 
@@ -42,11 +43,22 @@ PAPER_STARTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (0.0, 0.0), (9.0, 
 CAGRAD_STARTS: tuple[tuple[float, float], ...] = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
 #: Scale of each objective (the papers multiply L1 by 0.1 to make the losses imbalanced).
 PAPER_SCALES = (0.1, 1.0)
-#: Toy settings of the papers' code that differ from a method's defaults: FAMO's toy run uses no
-#: weight decay and L_t* = −21 × the objective's scale.
+#: A lower bound of both (unscaled) objectives: L ≥ −20 everywhere, so L − (−21) > 0.
+LOWER_BOUND = -21.0
+#: Toy settings of the papers' code that differ from (or pin) a method's defaults. FAMO's toy run
+#: uses no weight decay and L_t* = −21 × the objective's scale. CAGrad's toy (``toy.py`` of the
+#: official repo) uses c = 0.5. Nash-MTL's toy (``experiments/toy`` of the official repo) runs the
+#: method with its defaults: at most 20 solver iterations, weights updated every step, the shared
+#: gradient's norm clipped to 1.
 TOY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
-    "FAMO": {"gamma": 0.0, "min_losses": {"f1": -21.0 * PAPER_SCALES[0], "f2": -21.0 * PAPER_SCALES[1]}},
+    "FAMO": {"gamma": 0.0, "min_losses": {"f1": LOWER_BOUND * PAPER_SCALES[0], "f2": LOWER_BOUND * PAPER_SCALES[1]}},
+    "CAGrad": {"c": 0.5},
+    "NashMTL": {"max_norm": 1.0, "iterations": 20, "update_every": 1},
 }
+#: Methods that take the log of each loss (DB-MTL: ∇log L_t). The toy's losses are negative, so these
+#: methods see L_t − L_t* with L_t* = −21 × the objective's scale (the lower bound FAMO's toy uses);
+#: the shift changes no gradient, only the log's argument.
+TOY_SHIFTED_LOSSES: tuple[str, ...] = ("DBMTL",)
 TASKS = ("f1", "f2")
 
 
@@ -98,24 +110,35 @@ class ToyObjective(Task):
 class TwoObjectiveModule(MultiTaskModule):
     """A ``MultiTaskModule`` whose only shared parameter is the point x.
 
+    The shared representation handed to balancing methods is z = x as a batch of one sample, shape
+    (1, 2): the encoder is the identity, so gradients w.r.t. z ("rep mode") equal gradients w.r.t. x
+    ("param mode").
+
     Args:
         start: Initial x.
         scales: Factor on each objective (the papers use (0.1, 1.0)).
         lr: Adam learning rate (1e-3 in the papers).
+        offsets: Constant added to each (scaled) loss the method sees; changes no gradient (see
+            :data:`TOY_SHIFTED_LOSSES`).
     """
 
-    def __init__(self, start: Sequence[float], scales: Sequence[float] = PAPER_SCALES, lr: float = 1e-3) -> None:
+    def __init__(self, start: Sequence[float], scales: Sequence[float] = PAPER_SCALES, lr: float = 1e-3,
+                 offsets: Sequence[float] = (0.0, 0.0)) -> None:
         tasks = [ToyObjective(name, i, float(s)) for i, (name, s) in enumerate(zip(TASKS, scales))]
         super().__init__(PointEncoder(start), tasks, optimizer=partial(torch.optim.Adam, lr=lr))
+        self.offsets = tuple(float(o) for o in offsets)
         self.direct = False
         self.trajectory: list[Tensor] = []
 
     def compute_losses(self, batch: Any, stage: str = "train") -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
         # The generic path (label checks, masks, host syncs) costs more than the toy itself.
-        x = self.encoder.x
-        l1, l2 = two_objective_losses(x)
+        z = self.encoder.x.unsqueeze(0)  # the representation: one sample
+        l1, l2 = two_objective_losses(z[0])
         scales = [t.scale for t in self.tasks.values()]  # type: ignore[attr-defined]
-        return x, {n: x for n in TASKS}, {"f1": scales[0] * l1, "f2": scales[1] * l2}
+        losses = {"f1": scales[0] * l1, "f2": scales[1] * l2}
+        if any(self.offsets):
+            losses = {n: l + o for (n, l), o in zip(losses.items(), self.offsets)}
+        return z, {n: z for n in TASKS}, losses
 
     def balanced_backward(self, loss: Tensor, sync: bool = True) -> None:
         if self.direct:  # outside Trainer.fit: no AMP, accumulation or DDP to handle
@@ -169,9 +192,14 @@ def _lightning_run(module: TwoObjectiveModule, method: BalancingMethod, steps: i
     trainer.fit(module, train_dataloaders=loader)
 
 
+def _short(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
 def resolve_method(name: str) -> type[BalancingMethod]:
-    """A balancing class from a short name (``famo``, ``EW``…, looked up in ``mtl_lightning.balancing``
-    and ``mtl_lightning.gradients``) or a dotted path (``my_pkg.methods.MyMethod``)."""
+    """A balancing class from a short name (``famo``, ``EW``, ``nash_mtl``…: the class name, case,
+    ``_`` and ``-`` ignored, looked up in ``mtl_lightning.balancing`` and ``mtl_lightning.gradients``)
+    or a dotted path (``my_pkg.methods.MyMethod``)."""
     if "." in name:
         module_name, _, cls_name = name.rpartition(".")
         cls = getattr(importlib.import_module(module_name), cls_name, None)
@@ -184,10 +212,21 @@ def resolve_method(name: str) -> type[BalancingMethod]:
         for attr in getattr(mod, "__all__", dir(mod)):
             obj = getattr(mod, attr, None)
             if isinstance(obj, type) and issubclass(obj, BalancingMethod) and obj.backward is not BalancingMethod.backward:
-                known.setdefault(attr.lower(), obj)
-    if name.lower() not in known:
+                known.setdefault(_short(attr), obj)
+    if _short(name) not in known:
         raise ValueError(f"Unknown balancing method {name!r}; known: {sorted(known)} (or give a dotted class path).")
-    return known[name.lower()]
+    return known[_short(name)]
+
+
+def build_method(name: str) -> BalancingMethod:
+    """A method from a name (:func:`resolve_method`) with the toy settings: the options of
+    :data:`TOY_METHOD_OPTIONS`, and ``mode="param"`` for gradient methods that support it (the toy has
+    no encoder; GradDrop, rep mode only, runs on z = x)."""
+    cls = resolve_method(name)
+    options = dict(TOY_METHOD_OPTIONS.get(cls.__name__, {}))
+    if issubclass(cls, GradientBalancer) and "param" in cls.supported_modes:
+        options.setdefault("mode", "param")
+    return cls(**options)
 
 
 def run_method(
@@ -201,13 +240,15 @@ def run_method(
 ) -> Tensor:
     """Trajectory (steps+1, 2) of x from ``start`` under one balancing method.
 
-    ``method`` is an instance or a name for :func:`resolve_method` (built with the toy settings of
-    :data:`TOY_METHOD_OPTIONS`). ``steps_per_epoch`` sets what an "epoch" is for DWA and STCH.
+    ``method`` is an instance or a name for :func:`build_method` (built with the toy settings of
+    :data:`TOY_METHOD_OPTIONS`). Methods of :data:`TOY_SHIFTED_LOSSES` see the losses shifted by
+    −L_t*. ``steps_per_epoch`` sets what an "epoch" is for DWA and STCH.
     """
     if isinstance(method, str):
-        cls = resolve_method(method)
-        method = cls(**TOY_METHOD_OPTIONS.get(cls.__name__, {}))
-    module = TwoObjectiveModule(start, scales, lr)
+        method = build_method(method)
+    shifted = type(method).__name__ in TOY_SHIFTED_LOSSES
+    offsets = [-LOWER_BOUND * s if shifted else 0.0 for s in scales]
+    module = TwoObjectiveModule(start, scales, lr, offsets)
     module.trajectory.append(module.encoder.x.detach().clone())
     if runner == "direct":
         _direct_run(module, method, steps, steps_per_epoch)
@@ -218,8 +259,12 @@ def run_method(
     return torch.stack(module.trajectory)
 
 
-def plot_trajectories(trajectories: dict[str, list[Tensor]], out: str, scales: Sequence[float] = PAPER_SCALES) -> None:
-    """One panel per method: trajectories over contours of the summed (scaled) losses; saves ``out``."""
+def plot_trajectories(trajectories: dict[str, list[Tensor]], out: str, scales: Sequence[float] = PAPER_SCALES,
+                      columns: int = 4, dpi: int = 110, max_points: int = 2000) -> None:
+    """One panel per method (``columns`` panels a row): trajectories over contours of the summed (scaled)
+    losses, the Pareto set (:func:`pareto_front`), start points (dots) and end points (stars: orange
+    on the Pareto set, blue elsewhere, per :func:`on_pareto_set`); saves ``out``. Each trajectory is
+    drawn through at most ``max_points`` of its points (its last one included)."""
     try:
         import matplotlib
 
