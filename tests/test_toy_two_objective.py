@@ -78,6 +78,34 @@ GRADIENT_METHODS = ("mgda", "pcgrad", "gradvac", "graddrop", "cagrad", "nash_mtl
                     "upgrad", "db_mtl", "fairgrad")
 
 
+def test_pareto_front_solves_the_stationarity_condition_and_matches_the_papers_line():
+    x1 = torch.linspace(-7, 7, 29, dtype=torch.float64)
+    x2 = toy.pareto_front(x1)
+    assert float(toy.pareto_front(torch.tensor(0.0))) == pytest.approx(-8.3552, abs=1e-4)  # CAGrad's plot line
+    assert float(x2.min()) == pytest.approx(-8.4345, abs=1e-4) and float(x2.max()) <= -8.355
+    # On the front the two gradients are opposite: λ∇L1 + (1−λ)∇L2 = 0 with λ = (x1 + 7)/14.
+    inner = torch.stack([x1, x2], 1)[1:-1]
+    assert float(toy.pareto_gap(inner).max()) < 1e-6
+    x = inner.clone().requires_grad_(True)
+    l1, l2 = toy.two_objective_losses(x)
+    (g1,) = torch.autograd.grad(l1.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(l2.sum(), x)
+    lam = ((inner[:, 0] + 7) / 14).unsqueeze(1)
+    torch.testing.assert_close(lam * g1 + (1 - lam) * g2, torch.zeros_like(g1), atol=1e-9, rtol=0)
+
+
+def test_on_pareto_set_needs_both_closeness_and_opposite_gradients():
+    on = toy.on_pareto_set(torch.tensor([
+        [0.0, -8.3552], [-5.73, -8.40], [3.0, -8.33],  # on it (within 0.05)
+        [0.0, -8.0], [7.5, -8.43], [-5.7, -5.6], [5.0, 1.7],  # above it, beyond x1 = 7, EW's stalls
+    ]))
+    assert on.tolist() == [True, True, True, False, False, False, False]
+    # Far from the front the gradients can still be nearly opposite (x2 barely matters below 0):
+    # closeness is the discriminating part, the gap rules out x1 beyond ±7 and the upper region.
+    assert float(toy.pareto_gap(torch.tensor([0.0, -8.0]))) < 0.01
+    assert float(toy.pareto_gap(torch.tensor([5.0, 1.7]))) > 0.5
+
+
 def test_gradient_method_names_resolve_with_or_without_underscores():
     from mtl_lightning.gradients import AlignedMTL, DBMTL, IMTLG, NashMTL
 

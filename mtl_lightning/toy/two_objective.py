@@ -74,6 +74,66 @@ def two_objective_losses(x: Tensor) -> tuple[Tensor, Tensor]:
     return c1 * f1 + c2 * f1_sq, c1 * f2 + c2 * f2_sq
 
 
+def _front_equation(x1: Tensor, x2: Tensor) -> Tensor:
+    c2 = torch.tanh(-x2 / 2)
+    dc2 = -0.5 / torch.cosh(x2 / 2) ** 2
+    return dc2 * ((49 - x1**2) / 10 + 0.01 * (x2 + 8) ** 2 - 20) + c2 * 0.02 * (x2 + 8)
+
+
+def pareto_front(x1: Tensor, iterations: int = 60) -> Tensor:
+    """x2 of the Pareto set above each x1 ∈ [−7, 7] (float64).
+
+    Below x2 = 0 the losses are L_t = c2(x2)·f_t_sq. Stationarity λ∇L1 + (1−λ)∇L2 = 0 gives
+    λ = (x1 + 7)/14 from the x1 components and, from the x2 components,
+    c2'(x2)·((49 − x1²)/10 + 0.01(x2 + 8)² − 20) + c2(x2)·0.02(x2 + 8) = 0, whose root in [−10, −6]
+    is found by bisection: x2 = −8.355 at x1 = 0 (the papers draw the line x2 = −8.3552), −8.434 at
+    x1 = ±7, the minima of the two objectives. Positive scales of the objectives change nothing.
+    """
+    x1 = torch.as_tensor(x1, dtype=torch.float64)
+    lo = torch.full_like(x1, -10.0)
+    hi = torch.full_like(x1, -6.0)
+    lo_sign = torch.sign(_front_equation(x1, lo))
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        same = torch.sign(_front_equation(x1, mid)) == lo_sign
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    return (lo + hi) / 2
+
+
+def pareto_distance(x: Tensor) -> Tensor:
+    """Distance of points ``x`` (..., 2) to the Pareto set: to the nearest x1 ∈ [−7, 7] horizontally and
+    to the front's x2 vertically (the front's slope is at most 0.03, so this is the Euclidean
+    distance to within 0.05 %)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x1, x2 = x[..., 0], x[..., 1]
+    dx1 = (x1.abs() - 7).clamp_min(0)
+    dx2 = x2 - pareto_front(x1.clamp(-7, 7))
+    return torch.sqrt(dx1**2 + dx2**2)
+
+
+def pareto_gap(x: Tensor) -> Tensor:
+    """MGDA's Pareto-stationarity measure on unit gradients at points ``x`` (..., 2):
+    min_{λ∈[0,1]} ‖λu1 + (1−λ)u2‖ with u_t = ∇L_t/‖∇L_t‖, which is √((1 + cos)/2) for the angle
+    between the two gradients: 0 when they are opposite, 1 when they agree. Unit gradients make it
+    independent of the objectives' scales."""
+    x = torch.as_tensor(x, dtype=torch.float64).detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        l1, l2 = two_objective_losses(x)
+        (g1,) = torch.autograd.grad(l1.sum(), x, retain_graph=True)
+        (g2,) = torch.autograd.grad(l2.sum(), x)
+    u1 = g1 / g1.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    u2 = g2 / g2.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    cos = (u1 * u2).sum(-1)
+    return ((1 + cos) / 2).clamp_min(0).sqrt()
+
+
+def on_pareto_set(x: Tensor, tol: float = 0.05, gap_tol: float = 0.05) -> Tensor:
+    """Whether points ``x`` (..., 2) are on the Pareto set: within ``tol`` of it (:func:`pareto_distance`)
+    and Pareto-stationary to ``gap_tol`` (:func:`pareto_gap`; 0.05 is an angle above 174° between the
+    two gradients)."""
+    return (pareto_distance(x) <= tol) & (pareto_gap(x) <= gap_tol)
+
+
 class PointEncoder(nn.Module):
     """The shared parameter: the point x itself (the 'features' every head reads)."""
 
@@ -275,46 +335,85 @@ def plot_trajectories(trajectories: dict[str, list[Tensor]], out: str, scales: S
     grid = torch.stack(torch.meshgrid(torch.linspace(-10, 10, 300), torch.linspace(-10, 10, 300), indexing="xy"), -1)
     l1, l2 = two_objective_losses(grid)
     total = scales[0] * l1 + scales[1] * l2
-    fig, axes = plt.subplots(1, len(trajectories), figsize=(4.2 * len(trajectories), 4.2), squeeze=False)
-    for ax, (name, runs) in zip(axes[0], trajectories.items()):
+    front_x1 = torch.linspace(-7, 7, 141, dtype=torch.float64)
+    front_x2 = pareto_front(front_x1)
+    columns = max(1, min(columns, len(trajectories)))
+    rows = -(-len(trajectories) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(trajectories):]:
+        ax.axis("off")
+    for ax, (name, runs) in zip(axes.flat, trajectories.items()):
         ax.contourf(grid[..., 0], grid[..., 1], total, levels=30, cmap="Greys", alpha=0.6)
-        ax.plot([-7, 7], [-8.36, -8.36], color="tab:red", lw=3, alpha=0.6, label="Pareto set (approx.)")
+        ax.plot(front_x1, front_x2, color="tab:red", lw=3, alpha=0.6, label="Pareto set")
+        ends = torch.stack([run[-1] for run in runs])
+        reached = on_pareto_set(ends)
         for run in runs:
-            ax.plot(run[:, 0], run[:, 1], lw=1.5)
+            stride = max(1, -(-len(run) // max_points))
+            shown = torch.cat([run[::stride], run[-1:]])
+            ax.plot(shown[:, 0], shown[:, 1], lw=1.5)
             ax.scatter(run[0, 0], run[0, 1], marker="o", color="k", s=15, zorder=3)
-            ax.scatter(run[-1, 0], run[-1, 1], marker="*", color="tab:orange", s=60, zorder=3)
-        ax.set_title(name)
+        ax.scatter(ends[:, 0], ends[:, 1], marker="*", s=70, zorder=4, edgecolors="k", linewidths=0.4,
+                   c=["tab:orange" if r else "tab:blue" for r in reached.tolist()])
+        ax.set_title(f"{name}: {int(reached.sum())}/{len(runs)} on the Pareto set", fontsize=10)
         ax.set_xlim(-10, 10)
         ax.set_ylim(-10, 10)
+        ax.set_aspect("equal")
+    for ax in axes[-1]:
         ax.set_xlabel("x1")
-    axes[0][0].set_ylabel("x2")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x2")
     axes[0][0].legend(loc="upper left", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
+
+
+def reach_table(trajectories: dict[str, list[Tensor]], starts: Sequence[Sequence[float]]) -> str:
+    """Markdown table: for each method and start, whether the end point is on the Pareto set
+    (:func:`on_pareto_set`) and its distance to it."""
+    head = "| method | " + " | ".join(f"({s[0]:g}, {s[1]:g})" for s in starts) + " |"
+    lines = [head, "|---" * (len(starts) + 1) + "|"]
+    for name, runs in trajectories.items():
+        ends = torch.stack([run[-1] for run in runs])
+        cells = [f"{'✓' if ok else '✗'} {d:.2f}" for ok, d in zip(on_pareto_set(ends).tolist(), pareto_distance(ends).tolist())]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+STARTS = {"nash-famo": PAPER_STARTS, "cagrad": CAGRAD_STARTS, "all": tuple(dict.fromkeys(PAPER_STARTS + CAGRAD_STARTS))}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, list[Tensor]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="ew,uw,famo", help="comma-separated names or dotted class paths")
-    parser.add_argument("--steps", type=int, default=35000, help="optimizer steps per start (papers: 35k-50k)")
+    parser.add_argument("--steps", type=int, default=35000, help="optimizer steps per start (papers: 35k-50k, CAGrad 100k)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate on x (papers: 1e-3)")
-    parser.add_argument("--starts", choices=["nash-famo", "cagrad"], default="nash-famo")
+    parser.add_argument("--starts", choices=sorted(STARTS), default="nash-famo",
+                        help="the Nash-MTL / FAMO starts, CAGrad's, or both")
+    parser.add_argument("--scales", default=",".join(f"{v:g}" for v in PAPER_SCALES),
+                        help="factor on each objective (Nash-MTL / FAMO: 0.1,1; CAGrad: 1,1)")
     parser.add_argument("--runner", choices=["direct", "lightning"], default="direct")
     parser.add_argument("--steps-per-epoch", type=int, default=100, help="what an epoch is for DWA / STCH")
+    parser.add_argument("--columns", type=int, default=4, help="panels per row of the figure")
+    parser.add_argument("--dpi", type=int, default=110)
     parser.add_argument("--out", default="toy.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a 2-parameter problem: threads only add overhead
-    starts = PAPER_STARTS if args.starts == "nash-famo" else CAGRAD_STARTS
+    starts = STARTS[args.starts]
+    scales = tuple(float(v) for v in args.scales.split(","))
+    if len(scales) != 2:
+        parser.error(f"--scales needs two values, got {args.scales!r}")
     trajectories: dict[str, list[Tensor]] = {}
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         t0 = time.perf_counter()
-        runs = [run_method(name, s, args.steps, args.lr, runner=args.runner, steps_per_epoch=args.steps_per_epoch) for s in starts]
+        runs = [run_method(name, s, args.steps, args.lr, scales=scales, runner=args.runner,
+                           steps_per_epoch=args.steps_per_epoch) for s in starts]
         seconds = time.perf_counter() - t0
         trajectories[resolve_method(name).__name__] = runs
         ends = ", ".join(f"({r[-1, 0]:.2f}, {r[-1, 1]:.2f})" for r in runs)
-        print(f"{resolve_method(name).__name__:>10}: {seconds:6.1f} s ({seconds / (len(starts) * args.steps) * 1e3:.3f} ms/step); ends {ends}")
-    plot_trajectories(trajectories, args.out)
+        print(f"{resolve_method(name).__name__:>10}: {seconds:6.1f} s ({seconds / (len(starts) * args.steps) * 1e3:.3f} ms/step); ends {ends}", flush=True)
+    print(reach_table(trajectories, starts))
+    plot_trajectories(trajectories, args.out, scales, columns=args.columns, dpi=args.dpi)
     print(f"saved {args.out}")
     return trajectories
 
