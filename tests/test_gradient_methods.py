@@ -152,17 +152,46 @@ def test_cagrad_with_zero_radius_is_the_mean_gradient():
     np.testing.assert_allclose(direction(CAGrad(c=0.0), jac), jac.mean(0), atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["random", "nearly_opposite", "aligned"])
+def test_cagrad_two_tasks_closed_form_matches_a_bounded_scalar_search(kind):
+    # T = 2 is solved in closed form; the official toy minimises the same 1-D problem with scipy's
+    # bounded minimize_scalar, used here as the reference (on the normalised Gramian, as the solver).
+    from scipy.optimize import minimize_scalar
+
+    from mtl_lightning.gradients.solvers import cagrad_simplex_weights
+
+    rng = np.random.default_rng({"random": 0, "nearly_opposite": 1, "aligned": 2}[kind])
+    for _ in range(20):
+        jac = rng.normal(size=(2, 6))
+        if kind == "nearly_opposite":
+            jac[1] = -rng.uniform(0.2, 3.0) * jac[0] + 1e-3 * rng.normal(size=6)
+        elif kind == "aligned":
+            jac[1] = rng.uniform(0.2, 3.0) * jac[0] + 0.3 * rng.normal(size=6)
+        gram = jac @ jac.T
+        m = gram / gram.mean()
+        b = m.mean(1)
+        for c in (0.4, 0.5, 0.8):
+            obj = lambda g: np.array([g, 1 - g]) @ b + c * np.sqrt(np.array([g, 1 - g]) @ m @ np.array([g, 1 - g]) + 1e-8)
+            ref = minimize_scalar(obj, bounds=(0, 1), method="bounded", options={"xatol": 1e-12})
+            w = cagrad_simplex_weights(torch.tensor(gram), c).numpy()
+            assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+            assert obj(w[0]) <= min(ref.fun, obj(0.0), obj(1.0)) + 1e-9
+
+
 def test_cagrad_nearly_opposite_gradients_with_an_indefinite_gramian_stay_finite():
     # g1 ≈ −g2 (the average loss at its minimum), Gramian from float32 products: one eigenvalue is
     # slightly negative, so wᵀMw < 0 for some w. Seen on the two-objective toy (NaN before the fix).
     gram = torch.tensor([[0.06474335491657257, -0.06470233201980591],
                          [-0.06470233201980591, 0.06466133147478104]], dtype=torch.float64)
     assert torch.linalg.eigvalsh(gram)[0] < 0
-    w = CAGrad(c=0.5).weights(gram, torch.ones(2))
-    assert torch.isfinite(w).all()
-    # d = Jᵀw stays as small as the average gradient (‖d‖ ≤ (1 + c)‖g_0‖ / (1 + c²)).
-    d_sq = (w @ gram @ w).clamp_min(0)
-    assert float(d_sq.sqrt()) <= 1.5 * float(gram.mean().clamp_min(0).sqrt() + 1e-4)
+    # T = 3 (iterative solver): g2 ≈ −g1 with a rounded Gramian whose mean is negative, g3 = 0.
+    gram3 = torch.tensor([[1.0, -1.0000001, 0.0], [-1.0000001, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    for g in (gram, gram3):
+        w = CAGrad(c=0.5).weights(g, torch.ones(len(g)))
+        assert torch.isfinite(w).all()
+        # d = Jᵀw stays as small as the average gradient (‖d‖ ≤ (1 + c)‖g_0‖ / (1 + c²)).
+        d_sq = (w @ g @ w).clamp_min(0)
+        assert float(d_sq.sqrt()) <= 1.5 * float(g.mean().clamp_min(0).sqrt() + 1e-4)
 
 
 # ----------------------------------------------------------------------------------------- Nash-MTL

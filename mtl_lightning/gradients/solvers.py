@@ -76,6 +76,8 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200, tol
     scale = m.mean().clamp_min(1e-30)  # ‖g_0‖²: the problem is invariant to scaling M
     m = m / scale
     b = m.mean(dim=1)  # M 1/T
+    if t == 2:
+        return _cagrad_pair_weights(m, b, c)
     lipschitz = torch.linalg.matrix_norm(m, ord=2).clamp_min(1e-12)
     w = torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)
     for _ in range(iterations):
@@ -89,6 +91,29 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 200, tol
         if converged(change, tol):
             break
     return w
+
+
+def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
+    """The T = 2 case of :func:`cagrad_simplex_weights` in closed form (the official toy minimises the
+    same one-dimensional problem with a bounded scalar search).
+
+    With w = (γ, 1−γ): F(γ) = b₂ + βγ + c√(q(γ) + 1e-8), β = b₁ − b₂, q(γ) = Aγ² + 2Bγ + m₂₂ convex.
+    F'(γ) = 0 gives u = Aγ + B = −sign(β)|β|√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B². The minimum is
+    the best of γ = 0, 1 and that root. Near a Pareto-stationary point (g_w ≈ 0, where the square
+    root is not smooth) the projected-gradient iterations need their whole budget; this does not.
+    """
+    a = m[0, 0] - 2 * m[0, 1] + m[1, 1]
+    bb = m[0, 1] - m[1, 1]
+    beta = b[0] - b[1]
+    d = (a * (m[1, 1] + 1e-8) - bb**2).clamp_min(0)
+    u = -torch.sign(beta) * beta.abs() * (d / (c**2 * a - beta**2)).sqrt()
+    root = (u - bb) / a
+    root = torch.where(torch.isfinite(root), root, torch.full_like(root, 0.5)).clamp(0, 1)
+    gammas = torch.stack([torch.zeros_like(root), torch.ones_like(root), root])
+    q = (a * gammas**2 + 2 * bb * gammas + m[1, 1]).clamp_min(0)
+    objective = b[1] + beta * gammas + c * (q + 1e-8).sqrt()
+    gamma = gammas[torch.argmin(objective)]
+    return torch.stack([gamma, 1 - gamma])
 
 
 def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 20, tol: float = 1e-12) -> Tensor:
