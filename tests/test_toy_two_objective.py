@@ -168,3 +168,44 @@ def test_db_mtl_sees_positive_shifted_losses_on_the_toy():
     assert float(l1) < 0 and float(l2) < 0
     torch.testing.assert_close(seen[0], torch.stack([0.1 * l1 + 2.1, l2 + 21.0]).float())
     assert (torch.stack(seen) > 0).all()
+
+
+# The papers' claim on a shortened schedule: Adam at lr 1e-2 (the papers: lr 1e-3 for 35k-100k
+# steps; the README reports that setting, measured). Measured at lr 1e-2: Nash-MTL settles on the set
+# within 2k steps from every start. CAGrad stays close to the average gradient, whose step shrinks in
+# the flat valley below x2 = -5 as EW's does (Adam's second moment remembers the steep part for
+# thousands of steps): it settles after 1.3k-7.6k steps from five starts; from (9, 9) it first spends
+# 3.4k steps in the valley above x2 = 0 and is still descending after 14k (too long for CI: the
+# README reports (9, 9) on the papers' schedule).
+REACH_STEPS = {"nash_mtl": 2500, "cagrad": 8000}
+BELOW_THE_VALLEY = [s for s in toy.STARTS["all"] if s != (9.0, 9.0)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", toy.STARTS["all"], ids=lambda s: f"({s[0]:g},{s[1]:g})")
+def test_nash_mtl_reaches_the_pareto_set_from_every_paper_start(start):
+    end = toy.run_method("nash_mtl", start, REACH_STEPS["nash_mtl"], lr=0.01)[-1]
+    assert bool(toy.on_pareto_set(end)), (start, end.tolist(), float(toy.pareto_distance(end)))
+    assert float(toy.pareto_gap(end)) < 0.01  # gradients at more than 178.8°
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", BELOW_THE_VALLEY, ids=lambda s: f"({s[0]:g},{s[1]:g})")
+def test_cagrad_reaches_the_pareto_set_from_the_paper_starts(start):
+    end = toy.run_method("cagrad", start, REACH_STEPS["cagrad"], lr=0.01)[-1]
+    assert bool(toy.on_pareto_set(end)), (start, end.tolist(), float(toy.pareto_distance(end)))
+    assert float(toy.pareto_gap(end)) < 0.01
+    # Near the average loss minimum: CAGrad (c < 1) converges to a stationary point of the mean
+    # loss, here 0.1·L1 + L2, minimised at x1 = -6.3/1.1 = -5.727 on the front.
+    assert float(end[0]) == pytest.approx(-6.3 / 1.1, abs=0.05)
+
+
+@pytest.mark.slow
+def test_equal_weighting_does_not_reach_the_pareto_set_from_9_9_on_the_same_schedule():
+    # The discriminating case: on the schedule where Nash-MTL reaches the set from every start, EW
+    # from (9, 9) sits in the valley of the log terms above x2 = 0 (after the papers' 35k steps at
+    # lr 1e-3 it is still there, at (5.0, 4.0); at lr 1e-2 it is at (5.0, 1.7) after 3.5k steps and
+    # has left it, at x2 = -2.3, after 8k).
+    end = toy.run_method("ew", (9.0, 9.0), REACH_STEPS["nash_mtl"], lr=0.01)[-1]
+    assert not bool(toy.on_pareto_set(end)) and float(end[1]) > 0
+    assert float(toy.pareto_distance(end)) > 5

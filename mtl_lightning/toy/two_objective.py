@@ -5,7 +5,9 @@ balancing method runs from the papers' start points **through its real callback 
 is the shared parameter of a :class:`TwoObjectiveModule` (a ``MultiTaskModule``), every step builds a
 :class:`~mtl_lightning.balancing.BalancingContext` and calls ``method.backward(ctx)``, the optimizer
 steps, then ``method.on_optimizer_step(ctx)``. Gradient methods (``needs_all_tasks_per_step``) plug in
-unchanged: they see ``ctx.shared_parameters() == [x]``.
+unchanged: they see ``ctx.shared_parameters() == [x]`` and run in param mode; GradDrop (rep mode only)
+sees the representation z = x as a batch of one sample. :func:`on_pareto_set` checks end points
+against the analytic Pareto set (:func:`pareto_front`).
 
 Two runners:
 
@@ -17,6 +19,7 @@ Two runners:
 Command::
 
     python -m mtl_lightning.toy.two_objective --methods ew,uw,famo --steps 35000 --out toy.png
+    python -m mtl_lightning.toy.two_objective --methods cagrad,nash_mtl --starts all --out toy.png
 """
 
 from __future__ import annotations
