@@ -33,8 +33,7 @@ class CAGrad(GradientBalancer):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
-        budget = 2 * t + 20 if self.iterations is None else self.iterations
-        w = self._previous = cagrad_simplex_weights(gramian, self.c, budget, self._previous)
+        w = self._previous = cagrad_simplex_weights(gramian, self.c, self.iterations, self._previous)
         g0_norm = (gramian.mean().clamp_min(0) + 1e-8).sqrt()
         gw_norm = (w @ gramian @ w).clamp_min(0).sqrt()
         lam = self.c * g0_norm / (gw_norm + 1e-8)

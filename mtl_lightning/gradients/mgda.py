@@ -46,6 +46,5 @@ class MGDA(GradientBalancer):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         n = self.normalizers(gramian, losses)
-        budget = 2 * len(n) + 4 if self.iterations is None else self.iterations
-        self._previous = min_norm_simplex(gramian / torch.outer(n, n), budget, self._previous)
+        self._previous = min_norm_simplex(gramian / torch.outer(n, n), self.iterations, self._previous)
         return self._previous

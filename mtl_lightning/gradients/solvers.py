@@ -138,10 +138,11 @@ def active_set_newton(
     return x
 
 
-def min_norm_simplex(gramian: Tensor, iterations: int = 100, start: Optional[Tensor] = None) -> Tensor:
+def min_norm_simplex(gramian: Tensor, iterations: Optional[int] = None, start: Optional[Tensor] = None) -> Tensor:
     """argmin_{w ∈ simplex} wᵀMw: the minimum-norm point of the convex hull of the task gradients
     (MGDA, Sener & Koltun, arXiv 1810.04650), exactly, by the active-set method from ``start`` (a
-    point of the simplex; default uniform weights); the closed form for T = 2."""
+    point of the simplex; default uniform weights); the closed form for T = 2. ``iterations``: budget of
+    active-set steps, default 2T + 4 (each task enters or leaves the support about once)."""
     m = gramian.double()
     t = m.shape[0]
     if t == 1:
@@ -153,13 +154,15 @@ def min_norm_simplex(gramian: Tensor, iterations: int = 100, start: Optional[Ten
     q = m / scale + 1e-12 * torch.eye(t, dtype=m.dtype, device=m.device)
     x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
     x = x.clamp_min(0) / x.clamp_min(0).sum()
-    return active_set_newton(lambda x: (x @ q, q), x.unsqueeze(0), simplex=True, iterations=iterations)[0]
+    budget = 2 * t + 4 if iterations is None else iterations
+    return active_set_newton(lambda x: (x @ q, q), x.unsqueeze(0), simplex=True, iterations=budget)[0]
 
 
-def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, start: Optional[Tensor] = None) -> Tensor:
+def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] = None,
+                           start: Optional[Tensor] = None) -> Tensor:
     """argmin_{w∈simplex} wᵀM 1/T + c‖g_0‖ √(wᵀMw) (CAGrad's dual, arXiv 2110.14048; the official code
     solves it with scipy's SLSQP from w = 1/T): active-set Newton with a line search, from ``start``
-    (default 1/T)."""
+    (default 1/T), within ``iterations`` Newton steps (default 2T + 20)."""
     m = gramian.double()
     t = m.shape[0]
     # Dividing the objective by s = mean ‖g_t‖² leaves the minimiser unchanged: c‖g_0‖√(wᵀMw) becomes
@@ -185,7 +188,8 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: int = 50, star
 
     x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
     x = x.clamp_min(0) / x.clamp_min(0).sum()
-    return active_set_newton(grad_hessian, x.unsqueeze(0), simplex=True, iterations=iterations, value=value)[0]
+    budget = 2 * t + 20 if iterations is None else iterations
+    return active_set_newton(grad_hessian, x.unsqueeze(0), simplex=True, iterations=budget, value=value)[0]
 
 
 def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
@@ -211,20 +215,21 @@ def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
     return torch.stack([gamma, 1 - gamma])
 
 
-def dual_cone_weights(gramian: Tensor, iterations: int = 100, start: Optional[Tensor] = None) -> Tensor:
+def dual_cone_weights(gramian: Tensor, iterations: Optional[int] = None, start: Optional[Tensor] = None) -> Tensor:
     """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
 
     Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved as T non-negative
     quadratic programs in u = v − e_i by the active-set method, from ``start`` (a previous solution
-    v; default v = I); ``gramian`` should be normalised and regularised (positive definite) by the
-    caller, as TorchJD does.
+    v; default v = I), within ``iterations`` active-set steps (default 2T + 4); ``gramian`` should be
+    normalised and regularised (positive definite) by the caller, as TorchJD does.
     """
     m = gramian.double()
     t = m.shape[0]
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
     hessian = 2 * m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * eye  # regular even for reg_eps = 0
     u = (warm_start(start, eye) - eye).clamp_min(0)
-    u = active_set_newton(lambda x: ((x + eye) @ hessian, hessian), u, simplex=False, iterations=iterations)
+    budget = 2 * t + 4 if iterations is None else iterations
+    u = active_set_newton(lambda x: ((x + eye) @ hessian, hessian), u, simplex=False, iterations=budget)
     return u + eye
 
 

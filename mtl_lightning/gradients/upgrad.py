@@ -37,6 +37,5 @@ class UPGrad(GradientBalancer):
         trace = gramian.trace()
         normalized = torch.where(trace >= self.norm_eps, gramian / trace.clamp_min(1e-30), torch.zeros_like(gramian))
         regularized = normalized + self.reg_eps * torch.eye(t, dtype=gramian.dtype, device=gramian.device)
-        budget = 2 * t + 4 if self.iterations is None else self.iterations
-        self._previous = dual_cone_weights(regularized, budget, self._previous)
+        self._previous = dual_cone_weights(regularized, self.iterations, self._previous)
         return self._previous.mean(0)
