@@ -309,9 +309,24 @@ def test_db_mtl_under_loss_scale_equals_unscaled():
     jac, losses = random_jacobian(3, p=5, seed=1), torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
     j = torch.tensor(jac)
     scale = torch.tensor(1024.0, dtype=torch.float64)
-    (d_plain,), _ = DBMTL().aggregate([j.clone()], j @ j.T, losses, None, None)
-    (d_scaled,), _ = DBMTL().aggregate([j * scale], j @ j.T, losses, scale, None)
+    (d_plain,), _ = DBMTL().aggregate([j.clone()], None, losses, None, None)
+    (d_scaled,), _ = DBMTL().aggregate([j * scale], None, losses, scale, None)
     torch.testing.assert_close(d_scaled / scale, d_plain)
+
+
+def test_db_mtl_overflowed_fp16_step_leaves_the_moving_average_unchanged():
+    scale = torch.tensor(1024.0, dtype=torch.float64)
+    losses = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    method = DBMTL(beta=0.9)
+    j = torch.tensor(random_jacobian(3, p=5, seed=1))
+    method.aggregate([j * scale], None, losses, scale, None)
+    before = method.average[0].clone()
+    overflowed = torch.tensor(random_jacobian(3, p=5, seed=2)) * scale
+    overflowed[1, 2] = float("inf")
+    method.aggregate([overflowed], None, losses, scale, None)
+    torch.testing.assert_close(method.average[0], before, rtol=0, atol=0)
+    method.aggregate([torch.tensor(random_jacobian(3, p=5, seed=3)) * scale], None, losses, scale, None)
+    assert not torch.equal(method.average[0], before) and torch.isfinite(method.average[0]).all()
 
 
 # ----------------------------------------------------------------------------------------- FairGrad

@@ -102,7 +102,7 @@ def test_full_budget_without_convergence_test_gives_the_same_answers(monkeypatch
     m = torch.tensor(conflicting_gramian(7, 7))
     expected = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
                 power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
-    monkeypatch.setattr(solvers, "converged", lambda flag: False)
+    monkeypatch.setattr(solvers, "surely", lambda flag: False)
     got = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
            power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
     for g, e in zip(got, expected):

@@ -12,7 +12,9 @@ What is timed, per optimizer step, for every method: the module's forward and ta
 real ``Trainer`` has set up. EW is the same path with :class:`EqualWeighting` (one backward).
 The floor is the bare per-task gradient cost on the same path: forward, a loop of T
 ``torch.autograd.grad`` calls on the shared parameters, their mean written into ``.grad``, the step.
-All configurations of one T are interleaved (round-robin) and the median over repeats is reported.
+All configurations of one T are interleaved (round-robin, so that drift of the machine hits all alike);
+each timed step follows an untimed step of the same configuration (the caches and the allocator then
+hold what that method's steps use, as in training), and the median over repeats is reported.
 
 Peak memory: CUDA: ``max_memory_allocated`` over one step above the memory before it; CPU: the peak of
 the cumulative allocations recorded by the PyTorch profiler over one step.
@@ -133,6 +135,7 @@ def run(tasks: list[int], repeats: int, device: str) -> list[dict[str, object]]:
             step()
         for _ in range(repeats):
             for k, step in configs.items():
+                step()  # untimed: the timed step follows a step of its own configuration, as in training
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()

@@ -47,6 +47,9 @@ class GradientBalancer(BalancingMethod):
     needs_all_tasks_per_step: ClassVar[bool] = True
     #: The modes the method supports; the first is the default.
     supported_modes: ClassVar[tuple[str, ...]] = MODES
+    #: False for methods that aggregate J without its Gramian (they get ``gramian=None``): the
+    #: Gramian is a full pass over the T×P Jacobian.
+    uses_gramian: ClassVar[bool] = True
 
     def __init__(self, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__()
@@ -66,7 +69,7 @@ class GradientBalancer(BalancingMethod):
         (rank-averaged) task losses. The update is Σ_t w_t g_t."""
         raise NotImplementedError
 
-    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+    def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
         """The direction and the effective weight of each task.
 
@@ -90,7 +93,7 @@ class GradientBalancer(BalancingMethod):
             )
         scale = ctx.loss_scale
         losses = [ctx.losses[n] for n in names]
-        loss_vector = torch.stack([l.detach().float() for l in losses])
+        loss_vector = torch.stack(losses).detach().float()
         scaled = [l * scale for l in losses] if scale is not None else losses
         shared = ctx.shared_parameters()
         heads = [ctx.task_parameters(n) for n in names]
@@ -104,7 +107,7 @@ class GradientBalancer(BalancingMethod):
         last = self._last_weights
         if last is None:
             return {}
-        return {name: last[i].detach().float() for i, name in enumerate(names)}
+        return dict(zip(names, last.detach().float().unbind()))
 
     # -- helpers --------------------------------------------------------------------------------
     def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], head_grads: list[Tensor], loss_vector: Tensor,
@@ -118,16 +121,19 @@ class GradientBalancer(BalancingMethod):
                 return
             n = len(jacobian)
             jacobian, head_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
-            direction, self._last_weights = self.aggregate(jacobian, self._gramian(jacobian, scale), loss_vector,
-                                                           scale, ctx)
+            gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
+            direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
             self._write(shared, direction)
             self._write(head_params, head_grads)
             return
         t = len(ctx.task_names)
-        local = self._gramian(jacobian, scale)
-        # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
-        summary = ctx.reduce_mean(torch.cat([local.reshape(-1), loss_vector.double()]))
-        gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
+        if ctx.world_size > 1 and gramian is None:
+            loss_vector = ctx.reduce_mean(loss_vector)
+        elif ctx.world_size > 1:
+            # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
+            summary = ctx.reduce_mean(torch.cat([gramian.reshape(-1), loss_vector.double()]))
+            gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
         direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
         shared_grads = representation_backward(ctx.features, shared, direction[0])
         total = self._accumulate(ctx, [*shared_grads, *head_grads])
@@ -158,8 +164,11 @@ class GradientBalancer(BalancingMethod):
     @staticmethod
     def _gramian(jacobian: list[Tensor], scale: Optional[Tensor]) -> Tensor:
         """M = JJᵀ of the unscaled gradients, summed block by block (no T×P concatenation)."""
-        flat = [b.reshape(b.shape[0], -1).float() for b in jacobian]  # bf16 representation gradients: upcast
-        gramian = sum(f @ f.T for f in flat).double()
+        gramian = None
+        for block in jacobian:
+            flat = block.reshape(block.shape[0], -1).float()  # bf16 representation gradients: upcast
+            gramian = flat @ flat.T if gramian is None else gramian.addmm_(flat, flat.T)
+        gramian = gramian.double()
         return gramian if scale is None else gramian / scale.double() ** 2
 
     @staticmethod

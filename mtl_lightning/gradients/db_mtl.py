@@ -25,6 +25,7 @@ class DBMTL(GradientBalancer):
     """
 
     supported_modes = ("param",)
+    uses_gramian = False
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, mode: Optional[str] = None,
                  batched: bool = True) -> None:
@@ -36,7 +37,7 @@ class DBMTL(GradientBalancer):
         self.average: Optional[list[Tensor]] = None
         self.steps = 0
 
-    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+    def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
         # The blocks are this step's own buffers: turned into ∇log L_t in place (no T×P copies).
         inverse = 1.0 / (losses.to(jacobian[0].dtype) + 1e-8)
@@ -47,23 +48,34 @@ class DBMTL(GradientBalancer):
         if self.average is None or self.steps == 1:
             self.average = log_grads
         else:
-            keep = self.beta / self.steps**self.beta_sigma
-            # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the average:
-            # it is detected from the step's squared norms (finite iff every entry is).
-            squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
-            finite = torch.isfinite(squares).all()
-            if finite.device.type == "cpu":  # reading it is free: skip the update, not just neutralise it
-                if bool(finite):
-                    for average, g in zip(self.average, log_grads):
-                        average.lerp_(g, 1 - keep)
-            else:
-                rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
-                for average, g in zip(self.average, log_grads):
-                    average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
+            self._update_average(log_grads, self.beta / self.steps**self.beta_sigma, scale is not None)
         norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in self.average).sqrt()
         weights = norms.max() / (norms + 1e-8)
         scaled = weights if scale is None else weights * scale.to(weights.dtype)
         return [torch.tensordot(scaled, a, dims=1) for a in self.average], weights
+
+    def _update_average(self, log_grads: list[Tensor], keep: float, may_overflow: bool) -> None:
+        """ĝ ← keep·ĝ + (1 − keep)·∇log L, in place (one pass over the average).
+
+        Under fp16 loss scaling a step may overflow (the optimizer then skips it); its gradients must
+        not poison the average, so they are checked first, from their squared norms (finite iff every
+        entry is). Without loss scaling a non-finite gradient is not skipped by the optimizer either
+        (the NaN-loss check names the task), and the check, a full pass over J, is not made.
+        """
+        if not may_overflow:
+            for average, g in zip(self.average, log_grads):
+                average.lerp_(g, 1 - keep)
+            return
+        squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
+        finite = torch.isfinite(squares).all()
+        if finite.device.type == "cpu":  # reading it is free: skip the update, not just neutralise it
+            if bool(finite):
+                for average, g in zip(self.average, log_grads):
+                    average.lerp_(g, 1 - keep)
+            return
+        rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
+        for average, g in zip(self.average, log_grads):
+            average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average, "steps": self.steps}

@@ -25,6 +25,7 @@ class GradDrop(GradientBalancer):
     """
 
     supported_modes = ("rep",)
+    uses_gramian = False
 
     def __init__(self, leak: float = 0.0, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__(mode, batched)
@@ -33,7 +34,7 @@ class GradDrop(GradientBalancer):
         self.leak = leak
         self.generator = Generator(seed)
 
-    def aggregate(self, jacobian: list[Tensor], gramian: Tensor, losses: Tensor, scale: Optional[Tensor],
+    def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
         features = ctx.features
         (per_sample,) = jacobian  # (T, *z.shape): rep mode's single block

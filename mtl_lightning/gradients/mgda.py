@@ -39,12 +39,18 @@ class MGDA(GradientBalancer):
         self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        if self.normalization == "none":
+            return torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+        if self.normalization == "loss":
+            return losses.to(gramian.dtype).clamp_min(1e-12)
         norms = gramian.diagonal().clamp_min(0).sqrt()
-        losses = losses.to(gramian.dtype)
-        table = {"none": torch.ones_like(norms), "l2": norms, "loss": losses, "loss+": losses * norms}
-        return table[self.normalization].clamp_min(1e-12)
+        if self.normalization == "loss+":
+            norms = losses.to(gramian.dtype) * norms
+        return norms.clamp_min(1e-12)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        n = self.normalizers(gramian, losses)
-        self._previous = min_norm_simplex(gramian / torch.outer(n, n), self.iterations, self._previous)
+        if self.normalization != "none":
+            n = self.normalizers(gramian, losses)
+            gramian = gramian / torch.outer(n, n)
+        self._previous = min_norm_simplex(gramian, self.iterations, self._previous)
         return self._previous

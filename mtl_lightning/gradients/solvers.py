@@ -2,10 +2,10 @@
 
 The problems are tiny (T ≤ a few dozen) and ill-conditioned (task gradients are often nearly
 parallel), so first-order methods (Frank–Wolfe, projected gradient) need hundreds of iterations
-whose cost is all per-call overhead. These solvers use second-order steps instead: an active-set
-Newton method for problems over the simplex or the non-negative orthant (exact in at most about
-2T steps for quadratics) and a Newton method with a batched line search for the power equations of
-Nash-MTL and FairGrad. Every step is a fixed-shape tensor computation (masks, no Python indexing).
+whose cost is all per-call overhead. These solvers use second-order steps instead: active-set
+methods for problems over the simplex or the non-negative orthant (exact in at most about 2T steps
+for quadratics, Newton steps otherwise) and a Newton method with a batched line search for the
+power equations of Nash-MTL and FairGrad. Every step is a fixed-shape tensor computation (masks, no Python indexing).
 
 On accelerators every solver runs its full iteration budget (iterations after convergence change
 nothing), so that no Python-side convergence test forces a device synchronisation; on the CPU, where
@@ -23,8 +23,9 @@ from torch import Tensor
 _LINE_SEARCH_STEPS = 12
 
 
-def converged(flag: Tensor) -> bool:
-    """True when every entry of ``flag`` is True and reading it is free (CPU); always False on accelerators."""
+def surely(flag: Tensor) -> bool:
+    """True when every entry of ``flag`` is True and reading it is free (CPU); always False on
+    accelerators. For convergence tests and for skipping work whose result would be discarded."""
     return flag.device.type == "cpu" and bool(flag.all())
 
 
@@ -53,87 +54,121 @@ def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor
     return gamma, cost
 
 
-def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, simplex: bool, ridge: float) -> tuple[Tensor, Tensor]:
-    """Newton direction d over the free coordinates only (and Σd = 0 on the simplex), batched over rows.
+def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Newton direction d over the free coordinates only, with Σd = 0 (the simplex), batched over rows.
 
-    Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0 (zero without the simplex):
-    H_FF d_F + g_F + μ = 0.
+    Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0: H_FF d_F + g_F + μ = 0,
+    i.e. d = −H_FF⁻¹(g_F + μ1) with μ = −1ᵀH_FF⁻¹g_F / 1ᵀH_FF⁻¹1 (one solve, two right-hand sides).
     """
-    batch, t = grad.shape
-    dtype = grad.dtype
-    pair = free.unsqueeze(-1) & free.unsqueeze(-2)
-    if ridge > 0:  # relative to the Hessian's scale
-        shift = ridge * hessian.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)
-        hessian = hessian + torch.diag_embed(shift.unsqueeze(-1).expand_as(grad))
-    matrix = torch.where(pair, hessian, torch.zeros((), dtype=dtype, device=grad.device)) + torch.diag_embed((~free).to(dtype))
-    rhs = -torch.where(free, grad, torch.zeros((), dtype=dtype, device=grad.device))
-    if not simplex:
-        return torch.linalg.solve(matrix, rhs), torch.zeros(batch, dtype=dtype, device=grad.device)
-    column = free.to(dtype).unsqueeze(-1)
-    kkt = torch.cat([torch.cat([matrix, column], -1),
-                     torch.cat([column.transpose(-1, -2), torch.zeros(batch, 1, 1, dtype=dtype, device=grad.device)], -1)], -2)
-    solution = torch.linalg.solve(kkt, torch.cat([rhs, torch.zeros(batch, 1, dtype=dtype, device=grad.device)], -1))
-    return solution[:, :t], solution[:, t]
+    f = free.to(grad.dtype)
+    # A ridge relative to the Hessian's scale keeps the face system regular where H is singular.
+    shift = ridge * hessian.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    matrix = hessian * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(1 - f + shift * f)
+    ones_solution, grad_solution = torch.linalg.solve(matrix, torch.stack([f, grad * f], -1)).unbind(-1)
+    mu = -grad_solution.sum(-1) / ones_solution.sum(-1)
+    return -grad_solution - mu.unsqueeze(-1) * ones_solution, mu
+
+
+def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool, iterations: int,
+                  tol: float = 1e-10) -> Tensor:
+    """min ½xᵀHx + cᵀx subject to x ≥ 0 (and Σ_t x_t = 1 when ``simplex``) for a batch of convex
+    quadratics sharing H (T, T), with c = ``linear`` (B, T) and a feasible ``start`` (B, T).
+
+    A primal active-set method (Wolfe's min-norm-point and Lawson–Hanson's NNLS algorithms): each step
+    solves for the optimum on the face of the free coordinates (one batched solve of the masked
+    system, two right-hand sides on the simplex), moves towards it until a coordinate reaches 0 (that
+    coordinate is fixed), and at the face optimum frees the fixed coordinate whose reduced gradient is
+    most negative. Exact after finitely many steps; stops at a KKT point up to ``tol``.
+    """
+    x = start.clone()
+    free = x > 0
+    t = x.shape[1]
+    for _ in range(iterations):
+        f = free.to(x.dtype)
+        matrix = hessian * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(1 - f)
+        if simplex:
+            # x_F = ν H_FF⁻¹1 − H_FF⁻¹c_F with ν (the multiplier of Σx = 1) set by Σx_F = 1.
+            ones_solution, linear_solution = torch.linalg.solve(matrix, torch.stack([f, linear * f], -1)).unbind(-1)
+            level = (1 + linear_solution.sum(-1, keepdim=True)) / ones_solution.sum(-1, keepdim=True)
+            target = level * ones_solution - linear_solution
+        else:
+            level = 0.0
+            target = -torch.linalg.solve(matrix, linear * f)
+        d = target - x
+        longest, blocking = torch.where(d < 0, x / -d, torch.inf).min(dim=1)
+        blocked = longest < 1
+        x = (x + longest.clamp(max=1).unsqueeze(-1) * d).clamp_min(0)
+        leaving = torch.nn.functional.one_hot(blocking, t).bool() & blocked.unsqueeze(-1)
+        x = x.masked_fill(leaving, 0)
+        free = free & ~leaving
+        # At the face optimum the free coordinates' gradients all equal ν; a fixed one below ν (below
+        # 0 without the simplex) is a descent direction.
+        violation = torch.where(free, torch.inf, x @ hessian + linear - level)
+        worst, entering = violation.min(dim=1)
+        enter = ~blocked & (worst < -tol)
+        free = free | (torch.nn.functional.one_hot(entering, t).bool() & enter.unsqueeze(-1))
+        if simplex:
+            x = x / x.sum(dim=1, keepdim=True)
+        if surely(~(blocked | enter)):
+            break
+    return x
 
 
 def active_set_newton(
     grad_hessian: Callable[[Tensor], tuple[Tensor, Tensor]],
+    value: Callable[[Tensor], Tensor],
     start: Tensor,
-    simplex: bool,
     iterations: int,
-    value: Optional[Callable[[Tensor], Tensor]] = None,
     tol: float = 1e-10,
 ) -> Tensor:
-    """min F(x) subject to x ≥ 0 (and Σ_t x_t = 1 when ``simplex``) for a batch of convex problems.
+    """min F(x) subject to x ≥ 0 and Σ_t x_t = 1 for a batch of smooth convex problems.
 
-    ``start`` (B, T) is feasible; ``grad_hessian(x)`` returns ∇F (B, T) and ∇²F (B, T, T) (or (T, T)).
-    A primal active-set method (as Wolfe's min-norm-point and Lawson–Hanson's NNLS algorithms): a
-    Newton step on the face of the free coordinates, cut at the boundary (the blocking coordinate is
-    fixed at 0), and, at a face optimum, freeing the fixed coordinate whose reduced gradient is most
-    negative. For a quadratic F (``value`` None) each face optimum is one step and the method is
-    exact after finitely many steps; otherwise ``value(x)`` (any batch of rows) drives a batched
-    backtracking line search. Stops at a point satisfying the KKT conditions up to ``tol``.
+    ``start`` (B, T) is feasible; ``grad_hessian(x)`` returns ∇F (B, T) and ∇²F (B, T, T) (or (T, T));
+    ``value(x)`` evaluates F on any batch of rows. The active-set method of :func:`active_set_qp` with
+    Newton steps on the face (the blocking coordinate fixed at 0) and a batched backtracking line
+    search; at a face optimum the fixed coordinate with the most negative reduced gradient is freed.
+    Stops at a point satisfying the KKT conditions up to ``tol``.
     """
     x = start.clone()
     free = x > 0
     rows = torch.arange(x.shape[0], device=x.device)
+    fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device)).unsqueeze(-1)
     for _ in range(iterations):
         grad, hessian = grad_hessian(x)
         hessian = hessian.expand(x.shape[0], -1, -1)
-        # Quadratics bring their own regularisation (an exact step needs the exact Hessian); for the
-        # others a relative ridge keeps the Newton system regular where the Hessian is singular.
-        d, mu = _face_newton(hessian, grad, free, simplex, ridge=0.0 if value is None else 1e-10)
-        shrinking = free & (d < 0)
-        ratio = torch.where(shrinking, x / (-d).clamp_min(1e-300), torch.full_like(x, float("inf")))
-        longest, blocking = ratio.min(dim=1)
+        # A relative ridge keeps the Newton system regular where the Hessian is singular.
+        d, mu = _face_newton(hessian, grad, free, ridge=1e-10)
+        longest, blocking = torch.where(free & (d < 0), x / -d, torch.inf).min(dim=1)
         longest = longest.clamp(max=1.0)
-        if value is None:
-            theta = longest
-            at_face_optimum = longest >= 1.0
-        else:
-            steps = longest * torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device)).unsqueeze(-1)
+        # Near the face optimum (Newton decrement −gᵀd below 0.01) the full step converges
+        # quadratically and the objective's differences fall below float64 resolution: take it
+        # without a line search. Elsewhere: the best of 1, 1/2, …, 1/2¹¹ of the longest step, or none.
+        close = (grad * d).sum(-1) > -0.01
+        small = d.abs().amax(1) < tol**0.5
+        theta, at_face_optimum = longest, (longest >= 1.0) & small
+        if not surely(close):
+            steps = longest * fractions
             candidates = x.unsqueeze(0) + steps.unsqueeze(-1) * d.unsqueeze(0)  # (K, B, T)
             values = value(candidates.reshape(-1, x.shape[1])).view(_LINE_SEARCH_STEPS, -1)
             best_value, best = values.min(dim=0)
             improves = best_value < value(x)
-            theta = torch.where(improves, steps[best, rows], torch.zeros_like(longest))
-            at_face_optimum = ~improves | ((theta >= 1.0) & (d.abs().amax(1) < tol**0.5))
+            searched = torch.where(improves, steps[best, rows], torch.zeros_like(longest))
+            theta = torch.where(close, theta, searched)
+            at_face_optimum = torch.where(close, at_face_optimum, ~improves | ((searched >= 1.0) & small))
         blocked = (theta >= longest) & (longest < 1.0)
         x = (x + theta.unsqueeze(-1) * d).clamp_min(0)
         leaving = torch.nn.functional.one_hot(blocking, x.shape[1]).bool() & blocked.unsqueeze(-1)
-        x = torch.where(leaving, torch.zeros_like(x), x)
+        x = x.masked_fill(leaving, 0)
         free = free & ~leaving
-        # Reduced gradient after the step (exact for a quadratic): on a face optimum the free
-        # coordinates share the value ν = −μ; a fixed coordinate below ν is a descent direction.
+        # Reduced gradient after the step (to second order): on a face optimum the free coordinates
+        # share the value ν = −μ; a fixed coordinate below ν is a descent direction.
         grad_after = grad + theta.unsqueeze(-1) * (hessian @ d.unsqueeze(-1)).squeeze(-1)
-        level = -mu if simplex else torch.zeros_like(mu)
-        violation = torch.where(free, torch.full_like(x, float("inf")), grad_after - level.unsqueeze(-1))
+        violation = torch.where(free, torch.inf, grad_after + mu.unsqueeze(-1))
         worst, entering = violation.min(dim=1)
         enter = at_face_optimum & ~blocked & (worst < -tol)
         free = free | (torch.nn.functional.one_hot(entering, x.shape[1]).bool() & enter.unsqueeze(-1))
-        if simplex:
-            x = x / x.sum(dim=1, keepdim=True)
-        if converged(at_face_optimum & ~blocked & ~enter):
+        x = x / x.sum(dim=1, keepdim=True)
+        if surely(at_face_optimum & ~blocked & ~enter):
             break
     return x
 
@@ -152,10 +187,10 @@ def min_norm_simplex(gramian: Tensor, iterations: Optional[int] = None, start: O
         return torch.stack([gamma, 1 - gamma])
     scale = m.diagonal().mean().clamp_min(1e-30)
     q = m / scale + 1e-12 * torch.eye(t, dtype=m.dtype, device=m.device)
-    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
-    x = x.clamp_min(0) / x.clamp_min(0).sum()
+    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
-    return active_set_newton(lambda x: (x @ q, q), x.unsqueeze(0), simplex=True, iterations=budget)[0]
+    return active_set_qp(q, torch.zeros_like(x).unsqueeze(0), (x / x.sum()).unsqueeze(0), simplex=True,
+                         iterations=budget)[0]
 
 
 def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] = None,
@@ -186,10 +221,9 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] 
         hessian = c * (m / root.unsqueeze(-1) - mx.unsqueeze(-1) * mx.unsqueeze(-2) / root.unsqueeze(-1) ** 3)
         return grad, hessian + 1e-12 * eye
 
-    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device))
-    x = x.clamp_min(0) / x.clamp_min(0).sum()
+    x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)).clamp_min(0)
     budget = 2 * t + 20 if iterations is None else iterations
-    return active_set_newton(grad_hessian, x.unsqueeze(0), simplex=True, iterations=budget, value=value)[0]
+    return active_set_newton(grad_hessian, value, (x / x.sum()).unsqueeze(0), iterations=budget)[0]
 
 
 def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
@@ -229,8 +263,8 @@ def dual_cone_weights(gramian: Tensor, iterations: Optional[int] = None, start: 
     hessian = 2 * m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * eye  # regular even for reg_eps = 0
     u = (warm_start(start, eye) - eye).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
-    u = active_set_newton(lambda x: ((x + eye) @ hessian, hessian), u, simplex=False, iterations=budget)
-    return u + eye
+    # ½(u + e_i)ᵀH(u + e_i) = ½uᵀHu + (He_i)ᵀu + const: row i's linear term is row i of H.
+    return active_set_qp(hessian, hessian, u, simplex=False, iterations=budget) + eye
 
 
 def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 30, tol: float = 1e-10) -> Tensor:
@@ -258,15 +292,19 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         delta = torch.linalg.solve(hessian, residual)
         decrement = (residual @ delta).clamp_min(0).sqrt()
         # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
-        limit = torch.where(delta > 0, w / delta.clamp_min(1e-300), torch.full_like(w, float("inf"))).min()
+        limit = torch.where(delta > 0, w / delta, torch.inf).min()
         longest = torch.clamp(0.99 * limit, max=1.0)
-        candidates = w - (longest * fractions) * delta
-        values = objective(candidates)
-        best = torch.argmin(values)
-        searched = torch.where(values[best] < objective(w), candidates[best], w)
+        newton = w - longest * delta
         # Close to the solution (small Newton decrement) the full step converges quadratically, while
         # the objective's differences fall below float64 resolution: take it without comparing.
-        w = torch.where(decrement < 0.1, candidates[0], searched)
-        if converged(decrement < tol):
+        close = decrement < 0.1
+        if not surely(close):
+            candidates = w - (longest * fractions) * delta
+            values = objective(candidates)
+            best = torch.argmin(values)
+            searched = torch.where(values[best] < objective(w), candidates[best], w)
+            newton = torch.where(close, newton, searched)
+        w = newton
+        if surely(decrement < tol):
             break
     return w
