@@ -40,23 +40,25 @@ class GradVac(GradientBalancer):
         order_keys = order_keys.masked_fill(torch.eye(t, dtype=torch.bool, device=device), 2.0)  # self last
         orders = torch.argsort(order_keys, dim=1)[:, : t - 1]  # (T, T−1): task i's partners in order
         # Everything indexed by (i, k) is gathered once; the loop over k is sequential by definition.
-        partner_rows = gramian[orders]  # [i, k] = M[j_ik, :]
+        partner_rows = gramian[orders].unbind(1)  # [k][i] = M[j_ik, :]
         partner_norms = gramian.diagonal().clamp_min(0).sqrt()[orders]
         pair_targets = targets.gather(1, orders)
         target_roots = (1 - pair_targets**2).clamp_min(0).sqrt()
-        partner_onehots = torch.nn.functional.one_hot(orders, t).to(dtype)
+        partner_onehots = torch.nn.functional.one_hot(orders, t).to(dtype).unbind(1)
+        # Per partner k: ‖g_j‖, φ̂, √(1−φ̂²) and ‖g_j‖√(1−φ̂²), sliced once.
+        columns = zip(partner_rows, partner_onehots, partner_norms.unbind(1), pair_targets.unbind(1),
+                      target_roots.unbind(1), (partner_norms * target_roots).clamp_min(1e-30).unbind(1))
         coeffs = torch.eye(t, dtype=dtype, device=device)  # row i: g_i^GV = Σ_m coeffs[i, m] g_m
         own_squares = gramian.diagonal().clone()  # ‖g_i^GV‖², updated in closed form
         similarities = []
-        for k in range(t - 1):
-            dots = (coeffs * partner_rows[:, k]).sum(1)  # g_i^GV · g_j
+        for rows, onehots, norm_j, target, root, denominator in columns:
+            dots = (coeffs * rows).sum(1)  # g_i^GV · g_j
             own = own_squares.clamp_min(0).sqrt()
-            norm_j, target, root = partner_norms[:, k], pair_targets[:, k], target_roots[:, k]
             cos = dots / (own * norm_j).clamp_min(1e-30)
-            step = own * (target * (1 - cos**2).clamp_min(0).sqrt() - cos * root) / (norm_j * root).clamp_min(1e-30)
-            step = torch.where(cos < target, step, torch.zeros_like(step))
-            coeffs = coeffs + step.unsqueeze(1) * partner_onehots[:, k]
-            own_squares = own_squares + 2 * step * dots + step**2 * norm_j**2
+            step = own * (target * (1 - cos**2).clamp_min(0).sqrt() - cos * root) / denominator
+            step = torch.where(cos < target, step, 0.0)
+            coeffs.addcmul_(step.unsqueeze(1), onehots)
+            own_squares = own_squares + step * (2 * dots + step * norm_j**2)
             similarities.append(cos)
         updated = (1 - self.beta) * pair_targets + self.beta * torch.stack(similarities, 1) if t > 1 else pair_targets
         # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the targets.

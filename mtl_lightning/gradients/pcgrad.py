@@ -26,14 +26,14 @@ class PCGrad(GradientBalancer):
         t = gramian.shape[0]
         orders = torch.argsort(torch.rand((t, t), generator=self.generator.get(gramian.device), device=gramian.device), dim=1)
         # Everything indexed by (i, k) is gathered once; the loop over k is sequential by definition.
-        partner_rows = gramian[orders]  # [i, k] = M[j_ik, :]
-        partner_squares = gramian.diagonal().clamp_min(1e-30)[orders]
-        partner_onehots = torch.nn.functional.one_hot(orders, t).to(gramian.dtype)
+        partner_rows = gramian[orders].unbind(1)  # [k][i] = M[j_ik, :]
+        partner_squares = gramian.diagonal().clamp_min(1e-30)[orders].unbind(1)
+        partner_onehots = torch.nn.functional.one_hot(orders, t).to(gramian.dtype).unbind(1)
         coeffs = torch.eye(t, dtype=gramian.dtype, device=gramian.device)
-        for k in range(t):
-            dots = (coeffs * partner_rows[:, k]).sum(1)  # g_i^PC · g_j for every i
-            step = torch.where(dots < 0, dots / partner_squares[:, k], torch.zeros_like(dots))
-            coeffs = coeffs - step.unsqueeze(1) * partner_onehots[:, k]
+        for rows, squares, onehots in zip(partner_rows, partner_squares, partner_onehots):
+            dots = (coeffs * rows).sum(1)  # g_i^PC · g_j for every i
+            # Only conflicting pairs (negative dot product) are projected.
+            coeffs.addcmul_((dots / squares).clamp_max(0).unsqueeze(1), onehots, value=-1)
         return coeffs.sum(0)
 
     def state_dict(self) -> dict[str, Any]:
