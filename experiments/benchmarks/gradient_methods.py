@@ -1,6 +1,6 @@
 """Step time and peak memory of every gradient method relative to EW and to the per-task-gradient floor.
 
-    python experiments/benchmarks/gradient_methods.py [--tasks 2 4 8 16] [--repeats 7] [--device cpu|cuda]
+    python experiments/benchmarks/gradient_methods.py [--tasks 2 4 8 16] [--repeats 7] [--inner 3] [--device cpu|cuda]
 
 Reference workload (issue #4): batch 128 × 256 features, encoder MLP 256→512→512→512 (ReLU), T heads
 Linear(512→10), cross-entropy, SGD, float32, 2 threads.
@@ -13,8 +13,10 @@ real ``Trainer`` has set up. EW is the same path with :class:`EqualWeighting` (o
 The floor is the bare per-task gradient cost on the same path: forward, a loop of T
 ``torch.autograd.grad`` calls on the shared parameters, their mean written into ``.grad``, the step.
 All configurations of one T are interleaved (round-robin, so that drift of the machine hits all alike);
-each timed step follows an untimed step of the same configuration (the caches and the allocator then
-hold what that method's steps use, as in training), and the median over repeats is reported.
+in each round a configuration runs one untimed step and then ``--inner`` timed consecutive steps (the
+caches and the allocator then hold what that method's steps use, as in training). Reported: the
+median over rounds of the mean step time, and × EW / × floor as the median over rounds of the ratio
+to the reference timed in the same round.
 
 Peak memory: CUDA: ``max_memory_allocated`` over one step above the memory before it; CPU: the peak of
 the cumulative allocations recorded by the PyTorch profiler over one step.
@@ -23,6 +25,7 @@ the cumulative allocations recorded by the PyTorch profiler over one step.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from functools import partial
@@ -114,41 +117,60 @@ def peak_memory(step: Callable[[], None], device: str) -> float:
     return float(peak)
 
 
-def run(tasks: list[int], repeats: int, device: str) -> list[dict[str, object]]:
-    rows = []
-    for t in tasks:
-        module, batch = build(t, device)
-        configs: dict[tuple[str, str], Callable[[], None]] = {
-            ("EW", "-"): make_step(module, batch, EqualWeighting()),
-            ("floor", "-"): make_floor(module, batch),
-        }
-        for name, cls in METHODS.items():
-            modes = cls.supported_modes
-            if "param" in modes:
-                configs[(name, "param/batched")] = make_step(module, batch, cls(mode="param", batched=True))
-                configs[(name, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
-            if "rep" in modes:
-                configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
-        times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
-        for k, step in configs.items():  # warm-up
-            step()
-            step()
-        for _ in range(repeats):
-            for k, step in configs.items():
-                step()  # untimed: the timed step follows a step of its own configuration, as in training
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+def paired_ratio(samples: list[float], reference: list[float]) -> float:
+    """Median over rounds of the ratio to the reference timed in the same round: the machine's drift
+    between rounds cancels out of each ratio."""
+    return statistics.median(a / b for a, b in zip(samples, reference))
+
+
+def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads: int) -> list[dict[str, object]]:
+    """The rows of one T and one group: ``"param"`` (EW, the floor, every param-mode method with both
+    engines) or ``"rep"`` (EW and every rep-mode method)."""
+    torch.set_num_threads(threads)
+    module, batch = build(t, device)
+    configs: dict[tuple[str, str], Callable[[], None]] = {("EW", f"- ({group} run)"): make_step(module, batch, EqualWeighting())}
+    if group == "param":
+        configs[("floor", "-")] = make_floor(module, batch)
+    for name, cls in METHODS.items():
+        if group == "param" and "param" in cls.supported_modes:
+            configs[(name, "param/batched")] = make_step(module, batch, cls(mode="param", batched=True))
+            configs[(name, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
+        if group == "rep" and "rep" in cls.supported_modes:
+            configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
+    for k, step in configs.items():  # warm-up
+        step()
+        step()
+    for _ in range(repeats):
+        for k, step in configs.items():
+            step()  # untimed: the timed steps follow a step of their own configuration, as in training
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(inner):
                 step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[k].append(time.perf_counter() - start)
-        memory = {k: peak_memory(step, device) for k, step in configs.items()}
-        ew, floor = statistics.median(times[("EW", "-")]), statistics.median(times[("floor", "-")])
-        for (name, mode), samples in times.items():
-            median = statistics.median(samples)
-            rows.append({"T": t, "method": name, "mode": mode, "ms": 1e3 * median, "x_ew": median / ew,
-                         "x_floor": median / floor, "mem_x_ew": memory[(name, mode)] / max(memory[("EW", "-")], 1.0)})
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[k].append((time.perf_counter() - start) / inner)
+    memory = {k: peak_memory(step, device) for k, step in configs.items()}
+    ew = times[("EW", f"- ({group} run)")]
+    floor = times.get(("floor", "-"))
+    return [{"T": t, "method": name, "mode": mode, "ms": 1e3 * statistics.median(samples),
+             "x_ew": paired_ratio(samples, ew), "x_floor": paired_ratio(samples, floor) if floor else None,
+             "mem_x_ew": memory[(name, mode)] / max(memory[("EW", f"- ({group} run)")], 1.0)}
+            for (name, mode), samples in times.items()]
+
+
+def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: int = 2) -> list[dict[str, object]]:
+    """Every T and group in a fresh process: a process that ran the param-mode steps (T×P Jacobians,
+    tens of MB per step) leaves its heap in a state that slows every later step of the same process
+    by up to 30%, which would bias whatever runs after them."""
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for t in tasks:
+        for group in ("param", "rep"):
+            with context.Pool(1) as pool:
+                rows += pool.apply(run_group, (t, group, repeats, device, inner, threads))
     return rows
 
 
@@ -162,21 +184,22 @@ def table(rows: list[dict[str, object]]) -> str:
             target = "ok (≤1.3× EW)" if r["x_ew"] <= 1.3 else "MISSED (>1.3× EW)"
         else:
             target = ""
+        x_floor = "–" if r["x_floor"] is None else f"{r['x_floor']:.2f}"
         lines.append(f"| {r['T']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['x_ew']:.2f} | "
-                     f"{r['x_floor']:.2f} | {r['mem_x_ew']:.2f} | {target} |")
+                     f"{x_floor} | {r['mem_x_ew']:.2f} | {target} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds over all configurations")
+    parser.add_argument("--inner", type=int, default=3, help="consecutive timed steps per configuration and round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={args.threads} torch={torch.__version__}")
-    print(table(run(args.tasks, args.repeats, args.device)))
+    print(table(run(args.tasks, args.repeats, args.device, args.inner, args.threads)))
 
 
 if __name__ == "__main__":

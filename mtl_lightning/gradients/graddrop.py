@@ -46,7 +46,7 @@ class GradDrop(GradientBalancer):
                              dtype=purity.dtype)
         masks = ((purity > uniform) & (signed > 0)) | ((purity < uniform) & (signed < 0))
         keep = self.leak + (1 - self.leak) * masks.to(per_sample.dtype)
-        direction = (per_sample * keep.unsqueeze(1)).sum(0)
+        direction = per_sample.mul_(keep.unsqueeze(1)).sum(0)  # the block is this step's own: in place
         return [direction], keep.reshape(t, -1).mean(1)
 
     def state_dict(self) -> dict[str, Any]:
