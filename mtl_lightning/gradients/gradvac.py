@@ -45,20 +45,22 @@ class GradVac(GradientBalancer):
         pair_targets = targets.gather(1, orders)
         target_roots = (1 - pair_targets**2).clamp_min(0).sqrt()
         partner_onehots = torch.nn.functional.one_hot(orders, t).to(dtype).unbind(1)
-        # Per partner k: ‖g_j‖, φ̂, √(1−φ̂²) and ‖g_j‖√(1−φ̂²), sliced once.
-        columns = zip(partner_rows, partner_onehots, partner_norms.unbind(1), pair_targets.unbind(1),
-                      target_roots.unbind(1), (partner_norms * target_roots).clamp_min(1e-30).unbind(1))
+        # Per partner k: ‖g_j‖, ‖g_j‖², φ̂, √(1−φ̂²) and ‖g_j‖√(1−φ̂²), sliced once.
+        columns = zip(partner_rows, partner_onehots, partner_norms.unbind(1), partner_norms.square().unbind(1),
+                      pair_targets.unbind(1), target_roots.unbind(1),
+                      (partner_norms * target_roots).clamp_min(1e-30).unbind(1))
         coeffs = torch.eye(t, dtype=dtype, device=device)  # row i: g_i^GV = Σ_m coeffs[i, m] g_m
         own_squares = gramian.diagonal().clone()  # ‖g_i^GV‖², updated in closed form
         similarities = []
-        for rows, onehots, norm_j, target, root, denominator in columns:
-            dots = (coeffs * rows).sum(1)  # g_i^GV · g_j
+        for rows, onehots, norm_j, square_j, target, root, denominator in columns:
+            dots = torch.linalg.vecdot(coeffs, rows)  # g_i^GV · g_j
             own = own_squares.clamp_min(0).sqrt()
             cos = dots / (own * norm_j).clamp_min(1e-30)
-            step = own * (target * (1 - cos**2).clamp_min(0).sqrt() - cos * root) / denominator
+            sin = (1 - cos.square()).clamp_min(0).sqrt()
+            step = torch.addcmul(target * sin, cos, root, value=-1).mul_(own).div_(denominator)
             step = torch.where(cos < target, step, 0.0)
             coeffs.addcmul_(step.unsqueeze(1), onehots)
-            own_squares = own_squares + step * (2 * dots + step * norm_j**2)
+            own_squares.addcmul_(step, torch.addcmul(2 * dots, step, square_j))  # + 2·step·dots + step²‖g_j‖²
             similarities.append(cos)
         updated = (1 - self.beta) * pair_targets + self.beta * torch.stack(similarities, 1) if t > 1 else pair_targets
         # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the targets.
