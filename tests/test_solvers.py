@@ -87,6 +87,24 @@ def test_warm_start_changes_iterations_not_the_answer():
     torch.testing.assert_close(warm_v, cold_v, rtol=0, atol=1e-10)
 
 
+def test_newton_solvers_warm_and_cold_agree():
+    """The Newton solvers stop after a full step from a small decrement (CAGrad: ‖d‖ < √tol; Nash-MTL
+    and FairGrad: decrement < √tol, with no line search near the solution): from the previous
+    step's solution they take fewer iterations and land on the cold-start answer."""
+    m1 = torch.tensor(conflicting_gramian(8, 5))
+    m2 = m1 + 0.05 * torch.tensor(conflicting_gramian(8, 6))
+    cold = cagrad_simplex_weights(m2, 0.4, 64)
+    warm = cagrad_simplex_weights(m2, 0.4, 64, start=cagrad_simplex_weights(m1, 0.4, 64))
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-8)
+    n1, n2 = m1 / torch.linalg.matrix_norm(m1), m2 / torch.linalg.matrix_norm(m2)
+    ones = torch.ones(8, dtype=torch.float64)
+    for power in (1.0, 2.0):
+        cold = power_balance(n2, power, ones, 60)
+        warm = power_balance(n2, power, power_balance(n1, power, ones, 60), 60)
+        torch.testing.assert_close(warm, cold, rtol=1e-9, atol=0)
+        torch.testing.assert_close(n2 @ cold, cold.pow(-1 / power), rtol=1e-9, atol=0)
+
+
 def test_unusable_warm_starts_fall_back_to_the_default():
     default = torch.full((3,), 1 / 3, dtype=torch.float64)
     assert torch.equal(warm_start(torch.tensor([float("nan"), 0.5, 0.5]), default), default)

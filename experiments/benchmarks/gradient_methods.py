@@ -178,7 +178,9 @@ def table(rows: list[dict[str, object]]) -> str:
     lines = ["| T | method | mode | step ms | × EW | × floor | peak mem × EW | target |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["mode"].startswith("param"):
+        if r["mode"] == "param/looped":
+            target = "(loop fallback, no target)"
+        elif r["mode"].startswith("param"):
             target = "ok (≤1.15× floor)" if r["x_floor"] <= 1.15 else "MISSED (>1.15× floor)"
         elif r["mode"] == "rep":
             target = "ok (≤1.3× EW)" if r["x_ew"] <= 1.3 else "MISSED (>1.3× EW)"
