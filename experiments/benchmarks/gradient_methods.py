@@ -128,7 +128,8 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
     engines) or ``"rep"`` (EW and every rep-mode method)."""
     torch.set_num_threads(threads)
     module, batch = build(t, device)
-    configs: dict[tuple[str, str], Callable[[], None]] = {("EW", f"- ({group} run)"): make_step(module, batch, EqualWeighting())}
+    reference = ("EW", f"- ({group} run)")
+    configs: dict[tuple[str, str], Callable[[], None]] = {reference: make_step(module, batch, EqualWeighting())}
     if group == "param":
         configs[("floor", "-")] = make_floor(module, batch)
     for name, cls in METHODS.items():
@@ -153,11 +154,11 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
                 torch.cuda.synchronize()
             times[k].append((time.perf_counter() - start) / inner)
     memory = {k: peak_memory(step, device) for k, step in configs.items()}
-    ew = times[("EW", f"- ({group} run)")]
+    ew = times[reference]
     floor = times.get(("floor", "-"))
     return [{"T": t, "method": name, "mode": mode, "ms": 1e3 * statistics.median(samples),
              "x_ew": paired_ratio(samples, ew), "x_floor": paired_ratio(samples, floor) if floor else None,
-             "mem_x_ew": memory[(name, mode)] / max(memory[("EW", f"- ({group} run)")], 1.0)}
+             "mem_x_ew": memory[(name, mode)] / max(memory[reference], 1.0)}
             for (name, mode), samples in times.items()]
 
 

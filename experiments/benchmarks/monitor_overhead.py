@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -36,27 +38,29 @@ class TimedMonitor(NegativeTransferMonitor):
         super().__init__(**kwargs)
         self.seconds = {"measure": 0.0, "batch_end": 0.0, "epoch_end": 0.0, "train_end": 0.0}
 
-    def measure(self, *args, **kwargs):
+    @contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            return super().measure(*args, **kwargs)
+            yield
         finally:
-            self.seconds["measure"] += time.perf_counter() - start
+            self.seconds[key] += time.perf_counter() - start
+
+    def measure(self, *args, **kwargs):
+        with self._timed("measure"):
+            return super().measure(*args, **kwargs)
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
-        start = time.perf_counter()
-        super().on_train_batch_end(*args, **kwargs)
-        self.seconds["batch_end"] += time.perf_counter() - start
+        with self._timed("batch_end"):
+            super().on_train_batch_end(*args, **kwargs)
 
     def on_train_epoch_end(self, *args, **kwargs) -> None:
-        start = time.perf_counter()
-        super().on_train_epoch_end(*args, **kwargs)
-        self.seconds["epoch_end"] += time.perf_counter() - start
+        with self._timed("epoch_end"):
+            super().on_train_epoch_end(*args, **kwargs)
 
     def on_train_end(self, *args, **kwargs) -> None:
-        start = time.perf_counter()
-        super().on_train_end(*args, **kwargs)
-        self.seconds["train_end"] += time.perf_counter() - start
+        with self._timed("train_end"):
+            super().on_train_end(*args, **kwargs)
 
 
 def fit_seconds(monitor_kwargs: dict | None, epochs: int, num_train: int) -> tuple[float, TimedMonitor | None]:

@@ -128,12 +128,13 @@ class GradientBalancer(BalancingMethod):
             return
         t = len(ctx.task_names)
         gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
-        if ctx.world_size > 1 and gramian is None:
-            loss_vector = ctx.reduce_mean(loss_vector)
-        elif ctx.world_size > 1:
-            # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
-            summary = ctx.reduce_mean(torch.cat([gramian.reshape(-1), loss_vector.double()]))
-            gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        if ctx.world_size > 1:
+            if gramian is None:
+                loss_vector = ctx.reduce_mean(loss_vector)
+            else:
+                # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
+                summary = ctx.reduce_mean(torch.cat([gramian.reshape(-1), loss_vector.double()]))
+                gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
         direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
         shared_grads = representation_backward(ctx.features, shared, direction[0])
         total = self._accumulate(ctx, [*shared_grads, *head_grads])

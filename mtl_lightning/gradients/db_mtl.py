@@ -62,20 +62,18 @@ class DBMTL(GradientBalancer):
         entry is). Without loss scaling a non-finite gradient is not skipped by the optimizer either
         (the NaN-loss check names the task), and the check, a full pass over J, is not made.
         """
-        if not may_overflow:
-            for average, g in zip(self.average, log_grads):
-                average.lerp_(g, 1 - keep)
-            return
-        squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
-        finite = torch.isfinite(squares).all()
-        if finite.device.type == "cpu":  # reading it is free: skip the update, not just neutralise it
-            if bool(finite):
+        if may_overflow:
+            squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
+            finite = torch.isfinite(squares).all()
+            if finite.device.type != "cpu":  # reading it would synchronise: neutralise the update instead
+                rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
                 for average, g in zip(self.average, log_grads):
-                    average.lerp_(g, 1 - keep)
-            return
-        rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
+                    average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
+                return
+            if not bool(finite):  # reading it is free: skip the update
+                return
         for average, g in zip(self.average, log_grads):
-            average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
+            average.lerp_(g, 1 - keep)
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average, "steps": self.steps}

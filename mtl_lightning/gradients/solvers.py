@@ -54,17 +54,36 @@ def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor
     return gamma, cost
 
 
+def _face_matrix(hessian: Tensor, f: Tensor, shift: Optional[Tensor] = None) -> Tensor:
+    """H on the free coordinates (``f``: 1 free, 0 fixed; batched over rows) and the identity on the
+    fixed ones, so that solving with right-hand sides zero there leaves them at 0; ``shift`` (B, 1)
+    adds a ridge to the free diagonal."""
+    diagonal = 1 - f if shift is None else 1 - f + shift * f
+    return hessian * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(diagonal)
+
+
+def _simplex_face_solves(matrix: Tensor, f: Tensor, vector: Tensor) -> tuple[Tensor, Tensor]:
+    """H_FF⁻¹1_F and H_FF⁻¹v_F (zero on fixed coordinates) from one batched solve with two right-hand
+    sides: every face step on the simplex combines these two."""
+    ones_solution, vector_solution = torch.linalg.solve(matrix, torch.stack([f, vector * f], -1)).unbind(-1)
+    return ones_solution, vector_solution
+
+
+def _one_per_row(coordinates: Tensor, index: Tensor, where: Tensor) -> Tensor:
+    """Boolean (B, T) mask holding coordinate ``index[b]`` of each row b where ``where[b]``."""
+    return (coordinates == index.unsqueeze(-1)) & where.unsqueeze(-1)
+
+
 def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
     """Newton direction d over the free coordinates only, with Σd = 0 (the simplex), batched over rows.
 
     Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0: H_FF d_F + g_F + μ = 0,
-    i.e. d = −H_FF⁻¹(g_F + μ1) with μ = −1ᵀH_FF⁻¹g_F / 1ᵀH_FF⁻¹1 (one solve, two right-hand sides).
+    i.e. d = −H_FF⁻¹(g_F + μ1) with μ = −1ᵀH_FF⁻¹g_F / 1ᵀH_FF⁻¹1.
     """
     f = free.to(grad.dtype)
     # A ridge relative to the Hessian's scale keeps the face system regular where H is singular.
     shift = ridge * hessian.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    matrix = hessian * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(1 - f + shift * f)
-    ones_solution, grad_solution = torch.linalg.solve(matrix, torch.stack([f, grad * f], -1)).unbind(-1)
+    ones_solution, grad_solution = _simplex_face_solves(_face_matrix(hessian, f, shift), f, grad)
     mu = -grad_solution.sum(-1) / ones_solution.sum(-1)
     return -grad_solution - mu.unsqueeze(-1) * ones_solution, mu
 
@@ -85,10 +104,10 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
     coordinates = torch.arange(x.shape[1], device=x.device)
     for _ in range(iterations):
         f = free.to(x.dtype)
-        matrix = hessian * (f.unsqueeze(-1) * f.unsqueeze(-2)) + torch.diag_embed(1 - f)
+        matrix = _face_matrix(hessian, f)
         if simplex:
             # x_F = ν H_FF⁻¹1 − H_FF⁻¹c_F with ν (the multiplier of Σx = 1) set by Σx_F = 1.
-            ones_solution, linear_solution = torch.linalg.solve(matrix, torch.stack([f, linear * f], -1)).unbind(-1)
+            ones_solution, linear_solution = _simplex_face_solves(matrix, f, linear)
             level = (1 + linear_solution.sum(-1, keepdim=True)) / ones_solution.sum(-1, keepdim=True)
             target = level * ones_solution - linear_solution
         else:
@@ -98,7 +117,7 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
         longest, blocking = torch.where(d < 0, x / -d, torch.inf).min(dim=1)
         blocked = longest < 1
         x = (x + longest.clamp(max=1).unsqueeze(-1) * d).clamp_min(0)
-        leaving = (coordinates == blocking.unsqueeze(-1)) & blocked.unsqueeze(-1)
+        leaving = _one_per_row(coordinates, blocking, blocked)
         x = x.masked_fill(leaving, 0)
         free = free & ~leaving
         # At the face optimum the free coordinates' gradients all equal ν; a fixed one below ν (below
@@ -106,7 +125,7 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
         violation = torch.where(free, torch.inf, x @ hessian + linear - level)
         worst, entering = violation.min(dim=1)
         enter = ~blocked & (worst < -tol)
-        free = free | ((coordinates == entering.unsqueeze(-1)) & enter.unsqueeze(-1))
+        free = free | _one_per_row(coordinates, entering, enter)
         if simplex:
             x = x / x.sum(dim=1, keepdim=True)
         if surely(~(blocked | enter)):
@@ -158,7 +177,7 @@ def active_set_newton(
             at_face_optimum = torch.where(close, at_face_optimum, ~improves | ((searched >= 1.0) & small))
         blocked = (theta >= longest) & (longest < 1.0)
         x = (x + theta.unsqueeze(-1) * d).clamp_min(0)
-        leaving = (coordinates == blocking.unsqueeze(-1)) & blocked.unsqueeze(-1)
+        leaving = _one_per_row(coordinates, blocking, blocked)
         x = x.masked_fill(leaving, 0)
         free = free & ~leaving
         # Reduced gradient after the step (to second order): on a face optimum the free coordinates
@@ -167,7 +186,7 @@ def active_set_newton(
         violation = torch.where(free, torch.inf, grad_after + mu.unsqueeze(-1))
         worst, entering = violation.min(dim=1)
         enter = at_face_optimum & ~blocked & (worst < -tol)
-        free = free | ((coordinates == entering.unsqueeze(-1)) & enter.unsqueeze(-1))
+        free = free | _one_per_row(coordinates, entering, enter)
         x = x / x.sum(dim=1, keepdim=True)
         if surely(at_face_optimum & ~blocked & ~enter):
             break
