@@ -36,6 +36,40 @@ def test_multilabel_loss_uses_present_entries_only():
     assert tgt.tolist() == [[1, -1]]
 
 
+@pytest.mark.parametrize("task, target", [
+    (ClassificationTask("c", 4, label_smoothing=0.1), torch.tensor([0, 3, -100, 1, -100, 2])),
+    (MultiLabelTask("m", 4), torch.tensor([[1.0, 0, float("nan"), 1], [-1, -1, -1, -1], [0, 1, 1, 0],
+                                           [1, float("nan"), 0, -1], [0, 0, 0, 1], [1, 1, 1, 1]])),
+    (RegressionTask("r", 4), torch.tensor([[0.5, 1, 2, 3], [1, float("nan"), 0, 0], [2, 2, 2, 2],
+                                           [float("nan")] * 4, [0, 0, 0, 0], [-1, 1, -1, 1]])),
+    (RegressionTask("r", 4, loss_fn="l1"), torch.tensor([[0.5, 1, 2, 3], [1, float("nan"), 0, 0], [2, 2, 2, 2],
+                                                         [float("nan")] * 4, [0, 0, 0, 0], [-1, 1, -1, 1]])),
+], ids=["classification", "multilabel", "mse", "l1"])
+def test_masked_loss_and_gradient_equal_the_loss_on_the_labelled_samples_alone(task, target):
+    """The losses mask instead of indexing (no host sync); value and gradient must equal the loss
+    computed on the labelled samples only, and unlabelled samples (NaN labels included) must get
+    exactly zero, finite gradient."""
+    torch.manual_seed(0)
+    output = torch.randn(6, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(task.loss(output, target), output)
+    functional = torch.nn.functional
+    if isinstance(task, ClassificationTask):
+        rows = target != -100
+        reference = functional.cross_entropy(output[rows], target[rows], label_smoothing=0.1)
+    elif isinstance(task, MultiLabelTask):
+        entries = ~torch.isnan(target) & (target >= 0)
+        rows = entries.any(1)
+        reference = functional.binary_cross_entropy_with_logits(output[entries], target[entries])
+    else:
+        rows = ~torch.isnan(target).any(1)
+        reference = (functional.mse_loss if task.loss_fn == "mse" else functional.l1_loss)(output[rows], target[rows])
+    (expected,) = torch.autograd.grad(reference, output)
+    assert torch.allclose(task.loss(output, target), reference, atol=1e-6)
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad, expected, atol=1e-7)
+    assert grad[~rows].abs().sum() == 0
+
+
 def test_head_output_size_mismatch_names_task():
     task = ClassificationTask("left", 10)
     with pytest.raises(TaskConfigError, match="Task 'left'.*expects \\(batch, 10\\)"):

@@ -77,7 +77,10 @@ class Task:
         raise NotImplementedError
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean loss over the valid samples (caller guarantees at least one)."""
+        """Mean loss over the valid samples (caller guarantees at least one).
+
+        The built-in tasks mask rather than index (``output[mask]`` waits for the GPU to count the
+        mask), so a training step costs no host synchronisation per task."""
         raise NotImplementedError
 
     def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,9 +184,8 @@ class ClassificationTask(Task):
             )
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        mask = self.valid_mask(target)
         return nn.functional.cross_entropy(
-            output[mask].float(), target[mask], label_smoothing=self.label_smoothing
+            output.float(), target, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing
         )
 
     def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,9 +246,10 @@ class MultiLabelTask(Task):
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         entries = self._entry_mask(target)
-        return nn.functional.binary_cross_entropy_with_logits(
-            output.float()[entries], target.float()[entries]
+        per_entry = nn.functional.binary_cross_entropy_with_logits(
+            output.float(), torch.where(entries, target.float(), 0.0), reduction="none"
         )
+        return torch.where(entries, per_entry, 0.0).sum() / entries.sum()
 
     def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         # Missing entries become -1, the metrics' ignore_index.
@@ -307,11 +310,11 @@ class RegressionTask(Task):
             )
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        mask = self.valid_mask(target)
-        pred, tgt = output.float()[mask], self._as_2d(target)[mask]
-        if self.loss_fn == "mse":
-            return nn.functional.mse_loss(pred, tgt)
-        return nn.functional.l1_loss(pred, tgt)
+        target = self._as_2d(target)
+        rows = self.valid_mask(target).unsqueeze(1)  # a row with any NaN is unlabelled
+        error = output.float() - torch.where(rows, target, 0.0)  # NaN labels would poison the backward
+        per_entry = error.square() if self.loss_fn == "mse" else error.abs()
+        return torch.where(rows, per_entry, 0.0).sum() / (rows.sum() * target.shape[1])
 
     def metric_inputs(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         mask = self.valid_mask(target)
