@@ -90,9 +90,10 @@ def gradvac_reference(jac, orders, targets, beta):
     for i in range(len(jac)):
         for j in orders[i]:
             gi, gj = pc[i], jac[j]
-            cos = gi @ gj / (np.linalg.norm(gi) * np.linalg.norm(gj))
+            norms = np.linalg.norm(gi) * np.linalg.norm(gj)
+            cos = gi @ gj / norms if norms > 0 else 0.0
             tgt = targets[i, j]
-            if cos < tgt:
+            if cos < tgt and np.linalg.norm(gj) > 0:  # a zero gradient cannot be vaccinated against
                 w = np.linalg.norm(gi) * (tgt * np.sqrt(1 - cos**2) - cos * np.sqrt(1 - tgt**2)) / (
                     np.linalg.norm(gj) * np.sqrt(1 - tgt**2))
                 pc[i] = gi + w * gj
@@ -122,6 +123,24 @@ def test_gradvac_general_case_matches_vector_reference_over_steps():
         orders = torch.argsort(keys, dim=1)[:, :3].numpy()
         np.testing.assert_allclose(direction(method, jac), gradvac_reference(jac, orders, targets, 0.3), atol=1e-9)
     np.testing.assert_allclose(method.targets.numpy(), targets, atol=1e-9)
+
+
+def test_gradvac_zero_gradient_task_is_never_a_partner():
+    """A task whose gradient is zero (e.g. a converged task) has no direction to align with: it gets
+    no vaccination step, the others' weights stay finite, and its own targets still update."""
+    method = GradVac(beta=0.5, seed=3)
+    targets = np.zeros((3, 3))
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        jac = random_jacobian(3, p=5, seed=step)
+        jac[2] = jac[0] if step == 0 else 0.0  # aligned first (targets towards task 2 rise), then zero
+        keys = torch.rand((3, 3), generator=gen).masked_fill(torch.eye(3, dtype=torch.bool), 2.0)
+        orders = torch.argsort(keys, dim=1)[:, :2].numpy()
+        weights = method.weights(torch.tensor(jac @ jac.T), torch.ones(3))
+        assert torch.isfinite(weights).all() and (step == 0 or weights[2] == 1.0)
+        np.testing.assert_allclose(weights.numpy() @ jac, gradvac_reference(jac, orders, targets, 0.5), atol=1e-9)
+    np.testing.assert_allclose(method.targets.numpy(), targets, atol=1e-9)
+    assert (method.targets.numpy()[:2] < 0).any()  # the conflicting pair did get vaccinated
 
 
 # ------------------------------------------------------------------------------------------ CAGrad

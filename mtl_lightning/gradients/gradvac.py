@@ -15,7 +15,9 @@ class GradVac(GradientBalancer):
     if φ_ij < φ̂_ij, g_i^GV += ‖g_i^GV‖(φ̂_ij√(1−φ_ij²) − φ_ij√(1−φ̂_ij²)) / (‖g_j‖√(1−φ̂_ij²)) g_j;
     then φ̂_ij ← (1−β)φ̂_ij + βφ_ij (every pair, as in the paper's Algorithm 1). d = Σ_i g_i^GV.
 
-    Computed on the Gramian like :class:`PCGrad`. Targets start at 0 and are checkpointed.
+    Computed on the Gramian like :class:`PCGrad`, all tasks i at once: the T − 1 partner steps are
+    sequential, the tasks are not. A task whose gradient is zero is never a partner (the formula
+    divides by ‖g_j‖; there is no direction to align with). Targets start at 0 and are checkpointed.
 
     Args:
         beta: EMA rate of the similarity targets (LibMTL's default 0.5).
@@ -36,36 +38,40 @@ class GradVac(GradientBalancer):
         if self.targets is None:
             self.targets = torch.zeros((t, t), dtype=dtype, device=device)
         targets = self.targets.to(device=device, dtype=dtype)
+        if t == 1:
+            return torch.ones(1, dtype=dtype, device=device)
         order_keys = torch.rand((t, t), generator=self.generator.get(device), device=device)
-        order_keys = order_keys.masked_fill(torch.eye(t, dtype=torch.bool, device=device), 2.0)  # self last
+        order_keys.diagonal().fill_(2.0)  # self last
         orders = torch.argsort(order_keys, dim=1)[:, : t - 1]  # (T, T−1): task i's partners in order
-        # Everything indexed by (i, k) is gathered once; the loop over k is sequential by definition.
-        partner_rows = gramian[orders].unbind(1)  # [k][i] = M[j_ik, :]
-        partner_norms = gramian.diagonal().clamp_min(0).sqrt()[orders]
+        # In units of the partner's norm: a = g_i^GV·ĝ_j (ĝ = g/‖g‖), s = ‖g_i^GV‖², τ = φ̂/√(1−φ̂²), the
+        # paper's step is σ/‖g_j‖ with σ = max(τ√(s − a²) − a, 0), positive exactly when φ_ij = a/√s < φ̂_ij.
+        squares = gramian.diagonal()
+        inverse_norms = torch.where(squares > 0, squares.rsqrt(), 0.0)
         pair_targets = targets.gather(1, orders)
-        target_roots = (1 - pair_targets**2).clamp_min(0).sqrt()
-        partner_onehots = torch.nn.functional.one_hot(orders, t).to(dtype).unbind(1)
-        # Per partner k: ‖g_j‖, ‖g_j‖², φ̂, √(1−φ̂²) and ‖g_j‖√(1−φ̂²), sliced once.
-        columns = zip(partner_rows, partner_onehots, partner_norms.unbind(1), partner_norms.square().unbind(1),
-                      pair_targets.unbind(1), target_roots.unbind(1),
-                      (partner_norms * target_roots).clamp_min(1e-30).unbind(1))
-        coeffs = torch.eye(t, dtype=dtype, device=device)  # row i: g_i^GV = Σ_m coeffs[i, m] g_m
-        own_squares = gramian.diagonal().clone()  # ‖g_i^GV‖², updated in closed form
-        similarities = []
-        for rows, onehots, norm_j, square_j, target, root, denominator in columns:
-            dots = torch.linalg.vecdot(coeffs, rows)  # g_i^GV · g_j
-            own = own_squares.clamp_min(0).sqrt()
-            cos = dots / (own * norm_j).clamp_min(1e-30)
-            sin = (1 - cos.square()).clamp_min(0).sqrt()
-            step = torch.addcmul(target * sin, cos, root, value=-1).mul_(own).div_(denominator)
-            step = torch.where(cos < target, step, 0.0)
-            coeffs.addcmul_(step.unsqueeze(1), onehots)
-            own_squares.addcmul_(step, torch.addcmul(2 * dots, step, square_j))  # + 2·step·dots + step²‖g_j‖²
-            similarities.append(cos)
-        updated = (1 - self.beta) * pair_targets + self.beta * torch.stack(similarities, 1) if t > 1 else pair_targets
+        tangents = pair_targets / (1 - pair_targets.square()).clamp_min(0).sqrt().clamp_min(1e-30)
+        tangents = torch.where(inverse_norms[orders] > 0, tangents, 0.0)  # a zero g_j is never a partner
+        cosines = gramian * inverse_norms * inverse_norms.unsqueeze(1)  # ĝ_j·ĝ_m
+        projections = gramian * inverse_norms  # row i: g_i^GV·ĝ_m for every m
+        own = squares.unsqueeze(1).clone()  # s_i, updated in closed form
+        # Everything indexed by (i, k) is gathered once, as (T, 1) columns; the loop over k is sequential.
+        flat_pairs = orders + t * torch.arange(t, device=device).unsqueeze(1)  # into `projections` as (T·T)
+        columns = zip(flat_pairs.unsqueeze(2).unbind(1), cosines[orders].unbind(1), tangents.unsqueeze(2).unbind(1))
+        seen, own_before, negative_steps = [], [], []
+        for pairs, partner_cosines, tangent in columns:
+            a = torch.take(projections, pairs)
+            perpendicular = torch.addcmul(own, a, a, value=-1).clamp_min_(0).sqrt_()
+            negative_step = torch.addcmul(a, tangent, perpendicular, value=-1).clamp_max_(0)  # −σ
+            projections.addcmul_(negative_step, partner_cosines, value=-1)
+            seen.append(a)
+            own_before.append(own)
+            own = torch.addcmul(own, negative_step, torch.add(negative_step, a, alpha=-2))  # s + 2σa + σ²
+            negative_steps.append(negative_step)
+        similarities = torch.cat(seen, 1) / torch.cat(own_before, 1).clamp_min(0).sqrt().clamp_min(1e-30)
+        updated = (1 - self.beta) * pair_targets + self.beta * similarities
         # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the targets.
         self.targets = targets.scatter(1, orders, torch.where(torch.isfinite(updated), updated, pair_targets))
-        return coeffs.sum(0)
+        steps = torch.cat(negative_steps, 1).mul_(inverse_norms[orders]).reshape(-1)  # −σ/‖g_j‖
+        return torch.ones(t, dtype=dtype, device=device).scatter_add_(0, orders.reshape(-1), steps.neg_())
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": self.targets, "generator": self.generator.state()}
