@@ -49,7 +49,7 @@ class DBMTL(GradientBalancer):
             self.average = log_grads
         else:
             self._update_average(log_grads, self.beta / self.steps**self.beta_sigma, scale is not None)
-        norms = sum(a.reshape(a.shape[0], -1).pow(2).sum(1) for a in self.average).sqrt()
+        norms = torch.linalg.vector_norm(torch.stack([_row_norms(a) for a in self.average]), dim=0)
         weights = norms.max() / (norms + 1e-8)
         scaled = weights if scale is None else weights * scale.to(weights.dtype)
         return [torch.tensordot(scaled, a, dims=1) for a in self.average], weights
@@ -58,15 +58,15 @@ class DBMTL(GradientBalancer):
         """ĝ ← keep·ĝ + (1 − keep)·∇log L, in place (one pass over the average).
 
         Under fp16 loss scaling a step may overflow (the optimizer then skips it); its gradients must
-        not poison the average, so they are checked first, from their squared norms (finite iff every
+        not poison the average, so they are checked first, from their norms (finite iff every
         entry is). Without loss scaling a non-finite gradient is not skipped by the optimizer either
         (the NaN-loss check names the task), and the check, a full pass over J, is not made.
         """
         if may_overflow:
-            squares = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in log_grads)
-            finite = torch.isfinite(squares).all()
+            norms = sum(_row_norms(g) for g in log_grads)
+            finite = torch.isfinite(norms).all()
             if finite.device.type != "cpu":  # reading it would synchronise: neutralise the update instead
-                rate = torch.where(finite, torch.full_like(squares[0], 1 - keep), torch.zeros_like(squares[0]))
+                rate = torch.where(finite, torch.full_like(norms[0], 1 - keep), torch.zeros_like(norms[0]))
                 for average, g in zip(self.average, log_grads):
                     average.lerp_(g.nan_to_num_(0.0, 0.0, 0.0), rate.to(g.dtype))
                 return
@@ -81,3 +81,8 @@ class DBMTL(GradientBalancer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.average = state_dict.get("average")
         self.steps = int(state_dict.get("steps", 0))
+
+
+def _row_norms(block: Tensor) -> Tensor:
+    """‖block[t]‖ for every t, without a squared temporary of the block's size."""
+    return torch.linalg.vector_norm(block.reshape(block.shape[0], -1), dim=1)

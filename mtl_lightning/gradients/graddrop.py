@@ -39,7 +39,11 @@ class GradDrop(GradientBalancer):
         features = ctx.features
         (per_sample,) = jacobian  # (T, *z.shape): rep mode's single block
         t = per_sample.shape[0]
-        signed = (per_sample * features.detach().sign().to(per_sample.dtype)).sum(1)  # (T, *feature shape)
+        signs = features.detach().sign().to(per_sample.dtype)
+        product = torch.empty_like(signs)  # one task at a time: no (T, *z.shape) temporary
+        signed = per_sample.new_empty((t, *signs.shape[1:]))  # (T, *feature shape)
+        for row, total in zip(per_sample, signed):
+            torch.sum(torch.mul(row, signs, out=product), 0, out=total)
         signed = ctx.reduce_mean(signed)  # scale-free: the mean over ranks gives the same P as the sum
         purity = 0.5 * (1 + signed.sum(0) / (signed.abs().sum(0) + 1e-7))
         uniform = torch.rand(purity.shape, generator=self.generator.get(purity.device), device=purity.device,
