@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import least_squares, minimize, nnls
 
-from mtl_lightning.gradients import solvers
+from mtl_lightning.gradients import FairGrad, NashMTL, solvers
 from mtl_lightning.gradients.solvers import (
     cagrad_simplex_weights, dual_cone_weights, min_norm_simplex, power_balance, warm_start,
 )
@@ -74,6 +74,39 @@ def test_power_balance_matches_least_squares(power):
                         xtol=1e-15, ftol=1e-15, gtol=1e-15).x
     np.testing.assert_allclose(m @ w, w ** (-1 / power), rtol=1e-8)
     np.testing.assert_allclose(w, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cosine", [0.9, 0.0, -0.6, -0.999])
+def test_power_balance_pair_closed_form_solves_the_bargaining_condition(cosine):
+    """T = 2, power 1 (Nash-MTL) is solved in closed form: it must satisfy Mα = 1/α and agree with
+    scipy on the same equations, down to nearly opposite gradients."""
+    g1 = np.array([2.0, 0.0])
+    g2 = 0.3 * np.array([cosine, np.sqrt(1 - cosine**2)])
+    jac = np.stack([g1, g2])
+    m = jac @ jac.T
+    w = power_balance(torch.tensor(m), 1.0, torch.ones(2, dtype=torch.float64)).numpy()
+    ref = least_squares(lambda x: m @ x - 1 / x, np.ones(2), bounds=(0, np.inf), xtol=1e-15, ftol=1e-15,
+                        gtol=1e-15, x_scale="jac").x
+    np.testing.assert_allclose(m @ w, 1 / w, rtol=1e-10)
+    np.testing.assert_allclose(w, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [2, 3])
+def test_power_balance_without_positive_solution_stays_finite_and_gives_no_update(t):
+    """Exactly opposite gradients (a Pareto-stationary pair): Mw = w^(−1/p) has no positive solution.
+    The solver used to raise mid-training (a singular Newton system); now the iterates grow along
+    the direction where Jᵀw = 0 and stop, so Nash-MTL and FairGrad return finite positive weights
+    whose update has no component along the opposite pair."""
+    jac = np.array([[2.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])[:t]
+    m = torch.tensor(jac @ jac.T)
+    for power in (1.0, 2.0):
+        w = power_balance(m, power, torch.ones(t, dtype=torch.float64), 30)
+        assert torch.isfinite(w).all() and (w > 0).all()
+    for method in (NashMTL(max_norm=0.0), NashMTL(), FairGrad()):
+        w = method.weights(m, torch.ones(t)).numpy()
+        assert np.isfinite(w).all() and (w > 0).all(), type(method).__name__
+        d = w @ jac
+        assert abs(d[0]) <= 1e-6 * np.abs(w[:2] * np.linalg.norm(jac[:2], axis=1)).max()
 
 
 def test_warm_start_changes_iterations_not_the_answer():

@@ -294,11 +294,17 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
     FairGrad's α-fair condition (arXiv 2402.15638). It is the minimiser of the strictly convex
     G(w) = ½wᵀMw − Σ φ(w_t) with φ' = w^(−1/power), found by Newton steps with a batched
     backtracking line search that keeps every coordinate positive; stops after a full step from a
-    Newton decrement below √``tol``.
+    Newton decrement below √``tol``. Where no positive solution exists (exactly opposite gradients, a
+    Pareto-stationary point) the iterates grow along the direction where Jᵀw = 0 until ``iterations``
+    run out: finite weights whose update has no component along the conflicting gradients.
     """
     m = gramian.double()
-    w = init.double().clamp_min(1e-8)
     p = float(power)
+    if p == 1.0 and m.shape[0] == 2:
+        pair = _nash_pair_weights(m)
+        if surely(torch.isfinite(pair).all()):  # on accelerators, and for opposite gradients: Newton
+            return pair
+    w = init.double().clamp_min(1e-8)
     exponent = 1.0 - 1.0 / p
 
     def objective(x: Tensor) -> Tensor:
@@ -310,7 +316,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
     for _ in range(iterations):
         residual = m @ w - w.pow(-1.0 / p)
         hessian = m + torch.diag(w.pow(-1.0 / p - 1.0) / p)
-        delta = torch.linalg.solve(hessian, residual)
+        delta = torch.linalg.solve_ex(hessian, residual).result  # singular only once diverged (see above)
         decrement = (residual @ delta).clamp_min(0).sqrt()
         # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
         limit = torch.where(delta > 0, w / delta, torch.inf).min()
@@ -327,6 +333,16 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
             newton = torch.where(close, newton, searched)
         w = newton
         # Newton converges quadratically: the full step from a decrement below √tol lands within ~tol.
-        if surely(decrement < tol**0.5):
+        # (A NaN decrement means the iterates diverged: stop too.)
+        if surely(~(decrement >= tol**0.5)):
             break
     return w
+
+
+def _nash_pair_weights(m: Tensor) -> Tensor:
+    """The T = 2 case of Mα = 1/α in closed form: subtracting the two equations gives
+    ‖g_1‖α_1 = ‖g_2‖α_2, whence α_1 = √(‖g_2‖ / (‖g_1‖(‖g_1‖‖g_2‖ + M_12))) and symmetrically.
+    Not finite where no positive solution exists (opposite or zero gradients)."""
+    norms = m.diagonal().sqrt()
+    product = norms[0] * norms[1]
+    return (norms.flip(0) / (norms * (product + m[0, 1]))).sqrt()
