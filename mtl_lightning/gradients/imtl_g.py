@@ -13,6 +13,8 @@ class IMTLG(GradientBalancer):
     u_t = g_t/‖g_t‖, D = [g_1 − g_t]_{t≥2}, U = [u_1 − u_t]_{t≥2}, α_{2:T} = g_1Uᵀ(DUᵀ)⁻¹, α_1 = 1 − Σα_{2:T}.
 
     Computed from the Gramian: g_a·u_b = M_ab/‖g_b‖. Scale-dependent: sees unscaled gradients under fp16.
+    Where the tasks' gradients are linearly dependent (DUᵀ singular) α_{2:T} is the minimum-norm
+    solution: e.g. α = (1, 0) for two identical gradients, whose direction g_1 every solution shares.
     """
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
@@ -23,5 +25,7 @@ class IMTLG(GradientBalancer):
         a = gramian / norms  # a[i, j] = g_i · u_j
         g1_u = a[0, 0] - a[0, 1:]  # g_1 · (u_1 − u_j)
         du = a[0, 0] - a[0, 1:].unsqueeze(0) - a[1:, 0].unsqueeze(1) + a[1:, 1:]
-        rest = torch.linalg.solve(du.T, g1_u)
+        # The pseudo-inverse: linearly dependent gradients (a duplicated task, T > rank) make DUᵀ singular;
+        # any α with equal projections will do, and the minimum-norm one is chosen.
+        rest = torch.linalg.pinv(du.T) @ g1_u
         return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
