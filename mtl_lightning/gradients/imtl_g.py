@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.gradients.base import GradientBalancer
+from mtl_lightning.gradients.solvers import surely
 
 
 class IMTLG(GradientBalancer):
@@ -25,7 +26,10 @@ class IMTLG(GradientBalancer):
         a = gramian / norms  # a[i, j] = g_i · u_j
         g1_u = a[0, 0] - a[0, 1:]  # g_1 · (u_1 − u_j)
         du = a[0, 0] - a[0, 1:].unsqueeze(0) - a[1:, 0].unsqueeze(1) + a[1:, 1:]
-        # The pseudo-inverse: linearly dependent gradients (a duplicated task, T > rank) make DUᵀ singular;
-        # any α with equal projections will do, and the minimum-norm one is chosen.
-        rest = torch.linalg.pinv(du.T) @ g1_u
+        rest, info = torch.linalg.solve_ex(du.T, g1_u)
+        if not surely(info == 0):
+            # Linearly dependent gradients (a duplicated task, T > rank) make DUᵀ singular: any α with
+            # equal projections will do; the pseudo-inverse gives the minimum-norm one. (On accelerators,
+            # where reading `info` would synchronise, always; it costs an SVD of a (T−1)² matrix.)
+            rest = torch.linalg.pinv(du.T) @ g1_u
         return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
