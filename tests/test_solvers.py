@@ -109,6 +109,15 @@ def test_power_balance_without_positive_solution_stays_finite_and_gives_no_updat
         assert abs(d[0]) <= 1e-6 * np.abs(w[:2] * np.linalg.norm(jac[:2], axis=1)).max()
 
 
+@pytest.mark.parametrize("t", [2, 3])
+def test_power_balance_returns_its_start_where_the_iterates_are_not_finite(t):
+    """A non-finite Gramian (an fp16 overflow step) must leave the caller's weights as they were."""
+    m = torch.full((t, t), float("nan"), dtype=torch.float64)
+    init = torch.linspace(0.5, 1.5, t, dtype=torch.float64)
+    for power in (1.0, 2.0):
+        assert torch.equal(power_balance(m, power, init, 10), init)
+
+
 def test_warm_start_changes_iterations_not_the_answer():
     m1 = torch.tensor(conflicting_gramian(8, 5))
     m2 = m1 + 0.05 * torch.tensor(conflicting_gramian(8, 6))  # the next step's Gramian

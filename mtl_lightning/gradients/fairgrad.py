@@ -38,10 +38,7 @@ class FairGrad(GradientBalancer):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         start = torch.full((t,), 1.0 / t, dtype=torch.float64, device=gramian.device)
-        start = warm_start(self._previous, start)
-        solved = power_balance(gramian, self.alpha, start, self.iterations)
-        # No positive solution (exactly opposite or zero gradients): keep the start, as Nash-MTL does.
-        w = self._previous = torch.where(torch.isfinite(solved).all(), solved, start)
+        w = self._previous = power_balance(gramian, self.alpha, warm_start(self._previous, start), self.iterations)
         if self.max_norm > 0:
             norm = (w @ gramian @ w).clamp_min(0).sqrt()
             w = w * (self.max_norm / (norm + 1e-6)).clamp(max=1.0)

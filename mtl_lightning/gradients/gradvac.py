@@ -47,9 +47,10 @@ class GradVac(GradientBalancer):
         # paper's step is σ/‖g_j‖ with σ = max(τ√(s − a²) − a, 0), positive exactly when φ_ij = a/√s < φ̂_ij.
         squares = gramian.diagonal()
         inverse_norms = torch.where(squares > 0, squares.rsqrt(), 0.0)
+        partner_inverse_norms = inverse_norms[orders]
         pair_targets = targets.gather(1, orders)
         tangents = pair_targets / (1 - pair_targets.square()).clamp_min(0).sqrt().clamp_min(1e-30)
-        tangents = torch.where(inverse_norms[orders] > 0, tangents, 0.0)  # a zero g_j is never a partner
+        tangents = torch.where(partner_inverse_norms > 0, tangents, 0.0)  # a zero g_j is never a partner
         cosines = gramian * inverse_norms * inverse_norms.unsqueeze(1)  # ĝ_j·ĝ_m
         projections = gramian * inverse_norms  # row i: g_i^GV·ĝ_m for every m
         own = squares.unsqueeze(1).clone()  # s_i, updated in closed form
@@ -70,7 +71,7 @@ class GradVac(GradientBalancer):
         updated = (1 - self.beta) * pair_targets + self.beta * similarities
         # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the targets.
         self.targets = targets.scatter(1, orders, torch.where(torch.isfinite(updated), updated, pair_targets))
-        steps = torch.cat(negative_steps, 1).mul_(inverse_norms[orders]).reshape(-1)  # −σ/‖g_j‖
+        steps = torch.cat(negative_steps, 1).mul_(partner_inverse_norms).reshape(-1)  # −σ/‖g_j‖
         return torch.ones(t, dtype=dtype, device=device).scatter_add_(0, orders.reshape(-1), steps.neg_())
 
     def state_dict(self) -> dict[str, Any]:

@@ -45,8 +45,7 @@ class NashMTL(GradientBalancer):
         alpha = self.alpha.to(gramian.device, torch.float64)
         if self.steps % self.update_every == 0:
             normalized = gramian / torch.linalg.matrix_norm(gramian).clamp_min(1e-30)
-            solved = power_balance(normalized, 1.0, alpha, self.iterations)
-            alpha = torch.where(torch.isfinite(solved).all(), solved, alpha)
+            alpha = power_balance(normalized, 1.0, alpha, self.iterations)  # keeps alpha where it fails
         self.alpha = alpha
         self.steps += 1
         if self.max_norm > 0:

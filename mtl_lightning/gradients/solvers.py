@@ -296,7 +296,9 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
     backtracking line search that keeps every coordinate positive; stops after a full step from a
     Newton decrement below √``tol``. Where no positive solution exists (exactly opposite gradients, a
     Pareto-stationary point) the iterates grow along the direction where Jᵀw = 0 until ``iterations``
-    run out: finite weights whose update has no component along the conflicting gradients.
+    run out: finite weights whose update has no component along the conflicting gradients. Where the
+    iterates end not finite (a singular Newton system, a non-finite Gramian of an fp16 overflow step)
+    ``init`` is returned: callers keep their previous weights, as the official Nash-MTL does.
     """
     m = gramian.double()
     p = float(power)
@@ -336,7 +338,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         # (A NaN decrement means the iterates diverged: stop too.)
         if surely(~(decrement >= tol**0.5)):
             break
-    return w
+    return torch.where(torch.isfinite(w).all(), w, init.to(w.dtype))
 
 
 def _nash_pair_weights(m: Tensor) -> Tensor:
