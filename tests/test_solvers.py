@@ -1,5 +1,5 @@
 """The Gramian solvers against scipy on hard cases: many active constraints, warm starts, and the
-accelerator path (full iteration budget, no convergence test)."""
+accelerator path (convergence read only after iterations 1, 2, 4, 8, …)."""
 
 import numpy as np
 import pytest
@@ -156,14 +156,40 @@ def test_unusable_warm_starts_fall_back_to_the_default():
     assert torch.equal(warm_start(previous, default), previous)
 
 
-def test_full_budget_without_convergence_test_gives_the_same_answers(monkeypatch):
-    """On accelerators the solvers never read a value (no convergence test): running the whole budget
-    past convergence must not move the solution."""
+def _solve_all(m: torch.Tensor) -> list[torch.Tensor]:
+    return [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
+            power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40),
+            power_balance(m / torch.linalg.matrix_norm(m), 2.0, torch.ones(7, dtype=torch.float64), 40)]
+
+
+def _record_stops(monkeypatch, original) -> list[int]:
+    """The iteration after which each solver call stopped (its budget, 40, if it never did)."""
+    stops: list[int] = []
+
+    def recording(flag, iteration):
+        done = original(flag, iteration)
+        if done or iteration == 39:
+            stops.append(iteration if done else 40)
+        return done
+
+    recording.__wrapped__ = original
+    monkeypatch.setattr(solvers, "converged", recording)
+    return stops
+
+
+def test_accelerator_path_reads_convergence_at_powers_of_two_and_gives_the_same_answers(monkeypatch):
+    """Where reading a value synchronises with the host (accelerators) the solvers test convergence
+    only after iterations 1, 2, 4, 8, …: they stop at the first such test after convergence (not
+    after the whole budget), skip no line search, and land on the answers of the CPU path."""
     m = torch.tensor(conflicting_gramian(7, 7))
-    expected = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
-                power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
-    monkeypatch.setattr(solvers, "surely", lambda flag: False)
-    got = [min_norm_simplex(m, 40), cagrad_simplex_weights(m, 0.5, 40), dual_cone_weights(m / m.trace(), 40),
-           power_balance(m / torch.linalg.matrix_norm(m), 1.0, torch.ones(7, dtype=torch.float64), 40)]
+    cpu_stops = _record_stops(monkeypatch, solvers.converged)
+    expected = _solve_all(m)
+    monkeypatch.setattr(solvers, "_reading_is_free", lambda flag: False)
+    accelerator_stops = _record_stops(monkeypatch, solvers.converged.__wrapped__)
+    got = _solve_all(m)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+    assert len(cpu_stops) == len(accelerator_stops) == 5 and max(cpu_stops) < 39
+    for cpu, accelerator in zip(cpu_stops, accelerator_stops):
+        # The first iteration i ≥ cpu with i + 1 a power of two (cpu + 1 ≤ i + 1 < 2(cpu + 1)).
+        assert accelerator + 1 == 1 << cpu.bit_length() if cpu + 1 & cpu else accelerator == cpu

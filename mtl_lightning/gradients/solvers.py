@@ -7,9 +7,9 @@ methods for problems over the simplex or the non-negative orthant (exact in at m
 for quadratics, Newton steps otherwise) and a Newton method with a batched line search for the
 power equations of Nash-MTL and FairGrad. Every step is a fixed-shape tensor computation (masks, no Python indexing).
 
-On accelerators every solver runs its full iteration budget (iterations after convergence change
-nothing), so that no Python-side convergence test forces a device synchronisation; on the CPU, where
-reading a value costs nothing, they stop as soon as they have converged. They work in float64.
+Every solver stops once it has converged (see :func:`converged`): on the CPU, where reading a value
+is free, the test runs after every iteration; on accelerators, where it is a host synchronisation,
+after iterations 1, 2, 4, 8, … only. They work in float64.
 """
 
 from __future__ import annotations
@@ -23,10 +23,32 @@ from torch import Tensor
 _LINE_SEARCH_STEPS = 12
 
 
+def _reading_is_free(flag: Tensor) -> bool:
+    """Whether reading ``flag`` on the host costs no device synchronisation (it lives on the CPU)."""
+    return flag.device.type == "cpu"
+
+
 def surely(flag: Tensor) -> bool:
     """True when every entry of ``flag`` is True and reading it is free (CPU); always False on
-    accelerators. For convergence tests and for skipping work whose result would be discarded."""
-    return flag.device.type == "cpu" and bool(flag.all())
+    accelerators. For skipping a little work whose result would be discarded (a line search, a
+    fallback), where a host synchronisation would cost more than the work."""
+    return _reading_is_free(flag) and bool(flag.all())
+
+
+def converged(flag: Tensor, iteration: int) -> bool:
+    """Whether a solver may stop after its 0-based ``iteration``: every entry of ``flag`` is True.
+
+    On the CPU the flag is read after every iteration. On accelerators reading it synchronises with
+    the host, so it is read only after iterations 1, 2, 4, 8, … (one synchronisation each): a
+    warm-started solver converges in one or two iterations, so a step usually synchronises once or
+    twice, and at most twice the iterations needed are run. Running the whole budget blind instead
+    would launch every iteration's kernels (T = 16: 10–40 ms of launches per step, see the README).
+    Iterations past convergence do not move the solution, so the answer is the same on every device.
+    """
+    done = iteration + 1
+    if not _reading_is_free(flag) and done & (done - 1):
+        return False
+    return bool(flag.all())
 
 
 def warm_start(previous: Optional[Tensor], default: Tensor) -> Tensor:
@@ -102,7 +124,7 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
     x = start.clone()
     free = x > 0
     coordinates = torch.arange(x.shape[1], device=x.device)
-    for _ in range(iterations):
+    for iteration in range(iterations):
         f = free.to(x.dtype)
         matrix = _face_matrix(hessian, f)
         if simplex:
@@ -128,7 +150,7 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
         free = free | _one_per_row(coordinates, entering, enter)
         if simplex:
             x = x / x.sum(dim=1, keepdim=True)
-        if surely(~(blocked | enter)):
+        if converged(~(blocked | enter), iteration):
             break
     return x
 
@@ -153,7 +175,7 @@ def active_set_newton(
     rows = torch.arange(x.shape[0], device=x.device)
     coordinates = torch.arange(x.shape[1], device=x.device)
     fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device)).unsqueeze(-1)
-    for _ in range(iterations):
+    for iteration in range(iterations):
         grad, hessian = grad_hessian(x)
         hessian = hessian.expand(x.shape[0], -1, -1)
         # A relative ridge keeps the Newton system regular where the Hessian is singular.
@@ -188,7 +210,7 @@ def active_set_newton(
         enter = at_face_optimum & ~blocked & (worst < -tol)
         free = free | _one_per_row(coordinates, entering, enter)
         x = x / x.sum(dim=1, keepdim=True)
-        if surely(at_face_optimum & ~blocked & ~enter):
+        if converged(at_face_optimum & ~blocked & ~enter, iteration):
             break
     return x
 
@@ -315,7 +337,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         return torch.where((x > 0).all(-1), quadratic - barrier.sum(-1), torch.full_like(quadratic, float("inf")))
 
     fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device)).unsqueeze(-1)
-    for _ in range(iterations):
+    for iteration in range(iterations):
         residual = m @ w - w.pow(-1.0 / p)
         hessian = m + torch.diag(w.pow(-1.0 / p - 1.0) / p)
         delta = torch.linalg.solve_ex(hessian, residual).result  # singular only once diverged (see above)
@@ -336,7 +358,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         w = newton
         # Newton converges quadratically: the full step from a decrement below √tol lands within ~tol.
         # (A NaN decrement means the iterates diverged: stop too.)
-        if surely(~(decrement >= tol**0.5)):
+        if converged(~(decrement >= tol**0.5), iteration):
             break
     return torch.where(torch.isfinite(w).all(), w, init.to(w.dtype))
 
