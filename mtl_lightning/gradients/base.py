@@ -176,11 +176,14 @@ class GradientBalancer(BalancingMethod):
     def _write(params: list[nn.Parameter], grads: list[Tensor]) -> None:
         """Add ``grads`` into the ``.grad`` of ``params`` (other contributions, e.g. R(θ), are kept)."""
         for p, g in zip(params, grads):
-            g = g.view_as(p)
+            if g.shape != p.shape:
+                g = g.view_as(p)
+            if g.dtype != p.dtype:
+                g = g.to(p.dtype)
             if p.grad is None:
-                p.grad = g.to(p.dtype) if g.is_contiguous() else g.contiguous().to(p.dtype)
+                p.grad = g if g.is_contiguous() else g.contiguous()
             else:
-                p.grad.add_(g.to(p.dtype))
+                p.grad.add_(g)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
