@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.gradients.base import GradientBalancer
-from mtl_lightning.gradients.solvers import surely
 
 
 class IMTLG(GradientBalancer):
@@ -27,9 +26,10 @@ class IMTLG(GradientBalancer):
         g1_u = a[0, 0] - a[0, 1:]  # g_1 · (u_1 − u_j)
         du = a[0, 0] - a[0, 1:].unsqueeze(0) - a[1:, 0].unsqueeze(1) + a[1:, 1:]
         rest, info = torch.linalg.solve_ex(du.T, g1_u)
-        if not surely(info == 0):
+        if bool(info.any()):
             # Linearly dependent gradients (a duplicated task, T > rank) make DUᵀ singular: any α with
-            # equal projections will do; the pseudo-inverse gives the minimum-norm one. (On accelerators,
-            # where reading `info` would synchronise, always; it costs an SVD of a (T−1)² matrix.)
+            # equal projections will do; the pseudo-inverse gives the minimum-norm one. Reading `info`
+            # synchronises on accelerators, but less than the pseudo-inverse would (an SVD, which
+            # synchronises too), so it is taken only where needed on every device.
             rest = torch.linalg.pinv(du.T) @ g1_u
         return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])

@@ -9,7 +9,9 @@ power equations of Nash-MTL and FairGrad. Every step is a fixed-shape tensor com
 
 Every solver stops once it has converged (see :func:`converged`): on the CPU, where reading a value
 is free, the test runs after every iteration; on accelerators, where it is a host synchronisation,
-after iterations 1, 2, 4, 8, … only. They work in float64.
+after iterations 1, 2, 4, 8, … only. Linear systems are solved with ``solve_ex``, which (unlike
+``torch.linalg.solve``, whose error check reads the LAPACK status) does not synchronise; every
+system is regularised, so it is never singular. They work in float64.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def _face_matrix(hessian: Tensor, f: Tensor, shift: Optional[Tensor] = None) -> 
 def _simplex_face_solves(matrix: Tensor, f: Tensor, vector: Tensor) -> tuple[Tensor, Tensor]:
     """H_FF⁻¹1_F and H_FF⁻¹v_F (zero on fixed coordinates) from one batched solve with two right-hand
     sides: every face step on the simplex combines these two."""
-    ones_solution, vector_solution = torch.linalg.solve(matrix, torch.stack([f, vector * f], -1)).unbind(-1)
+    rhs = torch.stack([f, vector * f], -1)
+    ones_solution, vector_solution = torch.linalg.solve_ex(matrix, rhs).result.unbind(-1)
     return ones_solution, vector_solution
 
 
@@ -134,7 +137,7 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
             target = level * ones_solution - linear_solution
         else:
             level = 0.0
-            target = -torch.linalg.solve(matrix, linear * f)
+            target = -torch.linalg.solve_ex(matrix, linear * f).result
         d = target - x
         longest, blocking = torch.where(d < 0, x / -d, torch.inf).min(dim=1)
         blocked = longest < 1
