@@ -329,7 +329,9 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
     p = float(power)
     if p == 1.0 and m.shape[0] == 2:
         pair = _nash_pair_weights(m)
-        if surely(torch.isfinite(pair).all()):  # on accelerators, and for opposite gradients: Newton
+        # One read (a synchronisation on accelerators, as the Newton path's first convergence test
+        # would be); opposite or zero gradients, where the closed form is not finite, take Newton.
+        if bool(torch.isfinite(pair).all()):
             return pair
     w = init.double().clamp_min(1e-8)
     exponent = 1.0 - 1.0 / p
