@@ -180,7 +180,7 @@ def _record_stops(monkeypatch, original) -> list[int]:
 def test_accelerator_path_reads_convergence_at_powers_of_two_and_gives_the_same_answers(monkeypatch):
     """Where reading a value synchronises with the host (accelerators) the solvers test convergence
     only after iterations 1, 2, 4, 8, …: they stop at the first such test after convergence (not
-    after the whole budget), skip no line search, and land on the answers of the CPU path."""
+    after the whole budget) and land on the answers of the CPU path."""
     m = torch.tensor(conflicting_gramian(7, 7))
     cpu_stops = _record_stops(monkeypatch, solvers.converged)
     expected = _solve_all(m)
@@ -191,5 +191,5 @@ def test_accelerator_path_reads_convergence_at_powers_of_two_and_gives_the_same_
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
     assert len(cpu_stops) == len(accelerator_stops) == 5 and max(cpu_stops) < 39
     for cpu, accelerator in zip(cpu_stops, accelerator_stops):
-        # The first iteration i ≥ cpu with i + 1 a power of two (cpu + 1 ≤ i + 1 < 2(cpu + 1)).
-        assert accelerator + 1 == 1 << cpu.bit_length() if cpu + 1 & cpu else accelerator == cpu
+        # The first iteration i ≥ cpu with i + 1 a power of two (so i + 1 < 2(cpu + 1)).
+        assert accelerator == (1 << cpu.bit_length()) - 1, (cpu, accelerator)

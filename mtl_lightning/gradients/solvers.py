@@ -44,7 +44,7 @@ def converged(flag: Tensor, iteration: int) -> bool:
     the host, so it is read only after iterations 1, 2, 4, 8, … (one synchronisation each): a
     warm-started solver converges in one or two iterations, so a step usually synchronises once or
     twice, and at most twice the iterations needed are run. Running the whole budget blind instead
-    would launch every iteration's kernels (T = 16: 10–40 ms of launches per step, see the README).
+    would launch every iteration's kernels (T = 16: 10–39 ms of small ops per step, see the README).
     Iterations past convergence do not move the solution, so the answer is the same on every device.
     """
     done = iteration + 1
