@@ -25,7 +25,7 @@ from torch import Tensor
 _LINE_SEARCH_STEPS = 12
 
 
-def _reading_is_free(flag: Tensor) -> bool:
+def reading_is_free(flag: Tensor) -> bool:
     """Whether reading ``flag`` on the host costs no device synchronisation (it lives on the CPU)."""
     return flag.device.type == "cpu"
 
@@ -34,7 +34,7 @@ def surely(flag: Tensor) -> bool:
     """True when every entry of ``flag`` is True and reading it is free (CPU); always False on
     accelerators. For skipping a little work whose result would be discarded (a line search, a
     fallback), where a host synchronisation would cost more than the work."""
-    return _reading_is_free(flag) and bool(flag.all())
+    return reading_is_free(flag) and bool(flag.all())
 
 
 def converged(flag: Tensor, iteration: int) -> bool:
@@ -48,7 +48,7 @@ def converged(flag: Tensor, iteration: int) -> bool:
     Iterations past convergence do not move the solution, so the answer is the same on every device.
     """
     done = iteration + 1
-    if not _reading_is_free(flag) and done & (done - 1):
+    if not reading_is_free(flag) and done & (done - 1):
         return False
     return bool(flag.all())
 
