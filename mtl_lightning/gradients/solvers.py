@@ -100,23 +100,24 @@ def _one_per_row(coordinates: Tensor, index: Tensor, where: Tensor) -> Tensor:
 
 
 def _face_newton(hessian: Tensor, grad: Tensor, free: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
-    """Newton direction d over the free coordinates only, with Σd = 0 (the simplex), batched over rows.
+    """Newton direction d over the free coordinates only, with Σd = 0 (the simplex), for one problem.
 
     Returns d (zero on fixed coordinates) and μ, the multiplier of Σd = 0: H_FF d_F + g_F + μ = 0,
     i.e. d = −H_FF⁻¹(g_F + μ1) with μ = −1ᵀH_FF⁻¹g_F / 1ᵀH_FF⁻¹1.
     """
     f = free.to(grad.dtype)
     # A ridge relative to the Hessian's scale keeps the face system regular where H is singular.
-    shift = ridge * hessian.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    shift = hessian.diagonal().abs().amax().clamp_min(1e-30) * ridge
     ones_solution, grad_solution = _simplex_face_solves(_face_matrix(hessian, f, shift), f, grad)
-    mu = -grad_solution.sum(-1) / ones_solution.sum(-1)
-    return -grad_solution - mu.unsqueeze(-1) * ones_solution, mu
+    level = grad_solution.sum() / ones_solution.sum()  # −μ
+    return torch.addcmul(grad_solution, level, ones_solution, value=-1).neg_(), -level
 
 
-def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool, iterations: int,
+def active_set_qp(hessian: Tensor, linear: Optional[Tensor], start: Tensor, simplex: bool, iterations: int,
                   tol: float = 1e-10) -> Tensor:
     """min ½xᵀHx + cᵀx subject to x ≥ 0 (and Σ_t x_t = 1 when ``simplex``) for a batch of convex
-    quadratics sharing H (T, T), with c = ``linear`` (B, T) and a feasible ``start`` (B, T).
+    quadratics sharing H (T, T), with c = ``linear`` (B, T; None: 0, only with ``simplex``) and a
+    feasible ``start`` (B, T).
 
     A primal active-set method (Wolfe's min-norm-point and Lawson–Hanson's NNLS algorithms): each step
     solves for the optimum on the face of the free coordinates (one batched solve of the masked
@@ -124,31 +125,41 @@ def active_set_qp(hessian: Tensor, linear: Tensor, start: Tensor, simplex: bool,
     coordinate is fixed), and at the face optimum frees the fixed coordinate whose reduced gradient is
     most negative. Exact after finitely many steps; stops at a KKT point up to ``tol``.
     """
-    x = start.clone()
+    if linear is None and not simplex:
+        raise ValueError("active_set_qp: without the simplex constraint the linear term is required.")
+    x = start
     free = x > 0
     coordinates = torch.arange(x.shape[1], device=x.device)
     for iteration in range(iterations):
         f = free.to(x.dtype)
         matrix = _face_matrix(hessian, f)
-        if simplex:
-            # x_F = ν H_FF⁻¹1 − H_FF⁻¹c_F with ν (the multiplier of Σx = 1) set by Σx_F = 1.
+        # The multiplier ν of Σx = 1 (0 without the simplex): x_F = ν H_FF⁻¹1 − H_FF⁻¹c_F, Σx_F = 1.
+        if not simplex:
+            level = None
+            target = torch.linalg.solve_ex(matrix, linear * f).result.neg_()
+        elif linear is None:
+            ones_solution = torch.linalg.solve_ex(matrix, f.unsqueeze(-1)).result.squeeze(-1)
+            level = ones_solution.sum(-1, keepdim=True).reciprocal()
+            target = ones_solution * level
+        else:
             ones_solution, linear_solution = _simplex_face_solves(matrix, f, linear)
             level = (1 + linear_solution.sum(-1, keepdim=True)) / ones_solution.sum(-1, keepdim=True)
             target = level * ones_solution - linear_solution
-        else:
-            level = 0.0
-            target = -torch.linalg.solve_ex(matrix, linear * f).result
         d = target - x
-        longest, blocking = torch.where(d < 0, x / -d, torch.inf).min(dim=1)
+        longest, blocking = (x / -d).masked_fill_(~(d < 0), torch.inf).min(dim=1)
         blocked = longest < 1
-        x = (x + longest.clamp(max=1).unsqueeze(-1) * d).clamp_min(0)
+        x = torch.addcmul(x, longest.clamp(max=1).unsqueeze(-1), d).clamp_min_(0)
         leaving = _one_per_row(coordinates, blocking, blocked)
-        x = x.masked_fill(leaving, 0)
+        x = x.masked_fill_(leaving, 0)
         free = free & ~leaving
         # At the face optimum the free coordinates' gradients all equal ν; a fixed one below ν (below
         # 0 without the simplex) is a descent direction.
-        violation = torch.where(free, torch.inf, x @ hessian + linear - level)
-        worst, entering = violation.min(dim=1)
+        violation = x @ hessian
+        if linear is not None:
+            violation = violation + linear
+        if level is not None:
+            violation = violation - level
+        worst, entering = violation.masked_fill_(free, torch.inf).min(dim=1)
         enter = ~blocked & (worst < -tol)
         free = free | _one_per_row(coordinates, entering, enter)
         if simplex:
@@ -165,55 +176,51 @@ def active_set_newton(
     iterations: int,
     tol: float = 1e-10,
 ) -> Tensor:
-    """min F(x) subject to x ≥ 0 and Σ_t x_t = 1 for a batch of smooth convex problems.
+    """min F(x) subject to x ≥ 0 and Σ_t x_t = 1 for a smooth convex F.
 
-    ``start`` (B, T) is feasible; ``grad_hessian(x)`` returns ∇F (B, T) and ∇²F (B, T, T) (or (T, T));
-    ``value(x)`` evaluates F on any batch of rows. The active-set method of :func:`active_set_qp` with
+    ``start`` (T,) is feasible; ``grad_hessian(x)`` returns ∇F (T,) and ∇²F (T, T); ``value(rows)``
+    evaluates F on each row of a (K, T) batch. The active-set method of :func:`active_set_qp` with
     Newton steps on the face (the blocking coordinate fixed at 0) and a batched backtracking line
     search; at a face optimum the fixed coordinate with the most negative reduced gradient is freed.
     Stops at a point satisfying the KKT conditions up to ``tol``.
     """
-    x = start.clone()
+    x = start
     free = x > 0
-    rows = torch.arange(x.shape[0], device=x.device)
-    coordinates = torch.arange(x.shape[1], device=x.device)
-    fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device)).unsqueeze(-1)
+    coordinates = torch.arange(x.shape[0], device=x.device)
     for iteration in range(iterations):
         grad, hessian = grad_hessian(x)
-        hessian = hessian.expand(x.shape[0], -1, -1)
         # A relative ridge keeps the Newton system regular where the Hessian is singular.
         d, mu = _face_newton(hessian, grad, free, ridge=1e-10)
-        longest, blocking = torch.where(free & (d < 0), x / -d, torch.inf).min(dim=1)
+        longest, blocking = (x / -d).masked_fill_(~(free & (d < 0)), torch.inf).min(0)
         longest = longest.clamp(max=1.0)
         # Near the face optimum (Newton decrement −gᵀd below 0.01) the full step converges
         # quadratically and the objective's differences fall below float64 resolution: take it
         # without a line search. Elsewhere: the best of 1, 1/2, …, 1/2¹¹ of the longest step, or none.
-        close = (grad * d).sum(-1) > -0.01
-        small = d.abs().amax(1) < tol**0.5
+        close = grad @ d > -0.01
+        small = d.abs().amax() < tol**0.5
         theta, at_face_optimum = longest, (longest >= 1.0) & small
         if not surely(close):
-            steps = longest * fractions
-            candidates = x.unsqueeze(0) + steps.unsqueeze(-1) * d.unsqueeze(0)  # (K, B, T)
-            values = value(candidates.reshape(-1, x.shape[1])).view(_LINE_SEARCH_STEPS, -1)
-            best_value, best = values.min(dim=0)
-            improves = best_value < value(x)
-            searched = torch.where(improves, steps[best, rows], torch.zeros_like(longest))
+            steps = longest * torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=x.dtype, device=x.device))
+            values = value(x + steps.unsqueeze(-1) * d)  # (K, T) candidates
+            best_value, best = values.min(0)
+            improves = best_value < value(x.unsqueeze(0))[0]
+            searched = torch.where(improves, steps[best], torch.zeros_like(longest))
             theta = torch.where(close, theta, searched)
             at_face_optimum = torch.where(close, at_face_optimum, ~improves | ((searched >= 1.0) & small))
-        blocked = (theta >= longest) & (longest < 1.0)
-        x = (x + theta.unsqueeze(-1) * d).clamp_min(0)
-        leaving = _one_per_row(coordinates, blocking, blocked)
-        x = x.masked_fill(leaving, 0)
+        stays = (theta < longest) | (longest >= 1.0)  # no coordinate reached 0
+        x = torch.addcmul(x, theta, d).clamp_min_(0)
+        leaving = (coordinates == blocking) & ~stays
+        x = x.masked_fill_(leaving, 0)
         free = free & ~leaving
         # Reduced gradient after the step (to second order): on a face optimum the free coordinates
         # share the value ν = −μ; a fixed coordinate below ν is a descent direction.
-        grad_after = grad + theta.unsqueeze(-1) * (hessian @ d.unsqueeze(-1)).squeeze(-1)
-        violation = torch.where(free, torch.inf, grad_after + mu.unsqueeze(-1))
-        worst, entering = violation.min(dim=1)
-        enter = at_face_optimum & ~blocked & (worst < -tol)
-        free = free | _one_per_row(coordinates, entering, enter)
-        x = x / x.sum(dim=1, keepdim=True)
-        if converged(at_face_optimum & ~blocked & ~enter, iteration):
+        violation = torch.addcmul(grad, theta, hessian @ d).add_(mu).masked_fill_(free, torch.inf)
+        worst, entering = violation.min(0)
+        done = at_face_optimum & stays
+        enter = done & (worst < -tol)
+        free = free | ((coordinates == entering) & enter)
+        x = x / x.sum()
+        if converged(done & ~enter, iteration):
             break
     return x
 
@@ -230,12 +237,11 @@ def min_norm_simplex(gramian: Tensor, iterations: Optional[int] = None, start: O
     if t == 2:
         gamma, _ = min_norm_pair(m[0, 0], m[0, 1], m[1, 1])
         return torch.stack([gamma, 1 - gamma])
-    scale = m.diagonal().mean().clamp_min(1e-30)
-    q = m / scale + 1e-12 * torch.eye(t, dtype=m.dtype, device=m.device)
+    q = m / m.diagonal().mean().clamp_min(1e-30)
+    q.diagonal().add_(1e-12)
     x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
-    return active_set_qp(q, torch.zeros_like(x).unsqueeze(0), (x / x.sum()).unsqueeze(0), simplex=True,
-                         iterations=budget)[0]
+    return active_set_qp(q, None, (x / x.sum()).unsqueeze(0), simplex=True, iterations=budget)[0]
 
 
 def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] = None,
@@ -247,28 +253,28 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] 
     t = m.shape[0]
     # Dividing the objective by s = mean ‖g_t‖² leaves the minimiser unchanged: c‖g_0‖√(wᵀMw) becomes
     # c√(‖g_0‖²/s)√(wᵀ(M/s)w). (Not by ‖g_0‖² itself, which vanishes when the gradients cancel.)
-    scale = m.diagonal().mean().clamp_min(1e-30)
-    m = m / scale
-    c = c * m.mean().clamp_min(0).sqrt()
+    m = m / m.diagonal().mean().clamp_min(1e-30)
     b = m.mean(dim=1)  # M 1/T
+    c = b.mean().clamp_min(0).sqrt() * c
     if t == 2:
         return _cagrad_pair_weights(m, b, c)
-    eye = torch.eye(t, dtype=m.dtype, device=m.device)
 
     # A float32 Gramian can be slightly indefinite (g_1 ≈ −g_2): wᵀMw is clamped at 0.
-    def value(x: Tensor) -> Tensor:
-        return x @ b + c * (((x @ m) * x).sum(-1).clamp_min(0) + 1e-8).sqrt()
+    def value(rows: Tensor) -> Tensor:
+        return rows @ b + c * (((rows @ m) * rows).sum(-1).clamp_min(0) + 1e-8).sqrt()
 
     def grad_hessian(x: Tensor) -> tuple[Tensor, Tensor]:
-        mx = x @ m
-        root = ((mx * x).sum(-1, keepdim=True).clamp_min(0) + 1e-8).sqrt()
-        grad = b + c * mx / root
-        hessian = c * (m / root.unsqueeze(-1) - mx.unsqueeze(-1) * mx.unsqueeze(-2) / root.unsqueeze(-1) ** 3)
-        return grad, hessian + 1e-12 * eye
+        mx = m @ x
+        squared = (mx @ x).clamp_min(0) + 1e-8  # wᵀMw, as in value()
+        k = c / squared.sqrt()
+        # ∇ = b + c Mx/r and ∇² = c(M/r − Mx(Mx)ᵀ/r³) with r = √(xᵀMx): k = c/r.
+        hessian = (m - torch.outer(mx, mx / squared)) * k
+        hessian.diagonal().add_(1e-12)
+        return torch.addcmul(b, k, mx), hessian
 
     x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)).clamp_min(0)
     budget = 2 * t + 20 if iterations is None else iterations
-    return active_set_newton(grad_hessian, value, (x / x.sum()).unsqueeze(0), iterations=budget)[0]
+    return active_set_newton(grad_hessian, value, x / x.sum(), iterations=budget)
 
 
 def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
@@ -341,21 +347,22 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         quadratic = 0.5 * ((x @ m) * x).sum(-1)
         return torch.where((x > 0).all(-1), quadratic - barrier.sum(-1), torch.full_like(quadratic, float("inf")))
 
-    fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device)).unsqueeze(-1)
     for iteration in range(iterations):
-        residual = m @ w - w.pow(-1.0 / p)
-        hessian = m + torch.diag(w.pow(-1.0 / p - 1.0) / p)
+        barrier_grad = w.pow(-1.0 / p)  # φ'(w)
+        residual = m @ w - barrier_grad
+        hessian = m.clone()
+        hessian.diagonal().add_(barrier_grad / w, alpha=1.0 / p)  # −φ''(w) = w^(−1/p−1)/p
         delta = torch.linalg.solve_ex(hessian, residual).result  # singular only once diverged (see above)
-        decrement = (residual @ delta).clamp_min(0).sqrt()
+        decrement_squared = residual @ delta
         # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
-        limit = torch.where(delta > 0, w / delta, torch.inf).min()
-        longest = torch.clamp(0.99 * limit, max=1.0)
-        newton = w - longest * delta
-        # Close to the solution (small Newton decrement) the full step converges quadratically, while
-        # the objective's differences fall below float64 resolution: take it without comparing.
-        close = decrement < 0.1
+        longest = (0.99 * (w / delta).masked_fill_(~(delta > 0), torch.inf).min()).clamp_(max=1.0)
+        newton = torch.addcmul(w, longest, delta, value=-1)
+        # Close to the solution (Newton decrement below 0.1) the full step converges quadratically,
+        # while the objective's differences fall below float64 resolution: take it without comparing.
+        close = decrement_squared < 0.01
         if not surely(close):
-            candidates = w - (longest * fractions) * delta
+            fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device))
+            candidates = w - (longest * fractions).unsqueeze(-1) * delta
             values = objective(candidates)
             best = torch.argmin(values)
             searched = torch.where(values[best] < objective(w), candidates[best], w)
@@ -363,7 +370,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         w = newton
         # Newton converges quadratically: the full step from a decrement below √tol lands within ~tol.
         # (A NaN decrement means the iterates diverged: stop too.)
-        if converged(~(decrement >= tol**0.5), iteration):
+        if converged(~(decrement_squared >= tol), iteration):
             break
     return torch.where(torch.isfinite(w).all(), w, init.to(w.dtype))
 
