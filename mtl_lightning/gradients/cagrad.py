@@ -34,8 +34,8 @@ class CAGrad(GradientBalancer):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         w = self._previous = cagrad_simplex_weights(gramian, self.c, self.iterations, self._previous)
+        divisor = 1 + self.c**2 if self.rescale else 1.0
         g0_norm = (gramian.mean().clamp_min(0) + 1e-8).sqrt()
-        gw_norm = (w @ gramian @ w).clamp_min(0).sqrt()
-        lam = self.c * g0_norm / (gw_norm + 1e-8)
-        weights = torch.full_like(w, 1.0 / t) + lam * w
-        return weights / (1 + self.c**2) if self.rescale else weights
+        gw_norm = (gramian @ w @ w).clamp_min(0).sqrt()
+        lam = g0_norm / (gw_norm + 1e-8) * (self.c / divisor)
+        return (lam * w).add_(1.0 / (t * divisor))  # (1/T + λw) / divisor
