@@ -1,6 +1,7 @@
 """Step time and peak memory of every gradient method relative to EW and to the per-task-gradient floor.
 
     python experiments/benchmarks/gradient_methods.py [--tasks 2 4 8 16] [--repeats 7] [--inner 3] [--device cpu|cuda]
+        [--allocator retain|system]
 
 Reference workload (issue #4): batch 128 × 256 features, encoder MLP 256→512→512→512 (ReLU), T heads
 Linear(512→10), cross-entropy, SGD, float32, 2 threads.
@@ -12,11 +13,22 @@ What is timed, per optimizer step, for every method: the module's forward and ta
 real ``Trainer`` has set up. EW is the same path with :class:`EqualWeighting` (one backward).
 The floor is the bare per-task gradient cost on the same path: forward, a loop of T
 ``torch.autograd.grad`` calls on the shared parameters, their mean written into ``.grad``, the step.
-All configurations of one T are interleaved (round-robin, so that drift of the machine hits all alike);
-in each round a configuration runs one untimed step and then ``--inner`` timed consecutive steps (the
-caches and the allocator then hold what that method's steps use, as in training). Reported: the
-median over rounds of the mean step time, and × EW / × floor as the median over rounds of the ratio
-to the reference timed in the same round.
+All configurations of one T are interleaved round by round; in each round every configuration runs
+one untimed step and then ``--inner`` timed consecutive steps (the caches and the allocator then hold
+what that method's steps use, as in training), and the group's reference (the floor in param mode,
+EW in rep mode) is timed before each configuration and once more at the end of the round. Reported:
+the median over rounds of the mean step time; the ratio to the group's reference is the median over
+rounds of the configuration's time over the mean of the two reference samples bracketing it (the
+machine's drift, which on this VM moves a sample by ±10% within seconds, cancels out); the other
+ratio (× EW in param mode) is the ratio of the medians.
+
+Allocator (CPU): glibc's malloc serves the tens of MB of per-task gradients of param mode from fresh
+``mmap`` regions and returns them to the kernel every step, so every step page-faults them back in
+(5–8 k faults, 15–30 ms of kernel time per step at T = 16), by an amount that depends on the heap's
+history and so differs between configurations and processes by up to 30%. ``--allocator retain``
+(the default) runs the worker processes with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
+set so that freed memory stays in the process for reuse (what jemalloc or tcmalloc, recommended by
+PyTorch's CPU performance guide, do too); ``--allocator system`` keeps glibc's defaults.
 
 Peak memory: CUDA: ``max_memory_allocated`` over one step above the memory before it; CPU: the peak of
 the cumulative allocations recorded by the PyTorch profiler over one step.
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import time
 from functools import partial
@@ -117,10 +130,28 @@ def peak_memory(step: Callable[[], None], device: str) -> float:
     return float(peak)
 
 
-def paired_ratio(samples: list[float], reference: list[float]) -> float:
-    """Median over rounds of the ratio to the reference timed in the same round: the machine's drift
-    between rounds cancels out of each ratio."""
-    return statistics.median(a / b for a, b in zip(samples, reference))
+#: glibc malloc tunables of ``--allocator retain``: serve every allocation below 1 GiB from the heap
+#: (not from a fresh ``mmap``) and never give freed heap memory back to the kernel.
+RETAINING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+
+
+def bracketed_ratio(samples: list[float], before: list[float], after: list[float]) -> float:
+    """Median over rounds of each sample's ratio to the mean of the reference samples timed just before
+    and just after it: the machine's drift between samples cancels out of each ratio."""
+    return statistics.median(2 * s / (b + a) for s, b, a in zip(samples, before, after))
+
+
+def timed(step: Callable[[], None], inner: int, device: str) -> float:
+    """Mean time of ``inner`` consecutive steps, after one untimed step of the same configuration."""
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(inner):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / inner
 
 
 def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads: int) -> list[dict[str, object]]:
@@ -138,40 +169,60 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
             configs[(name, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
         if group == "rep" and "rep" in cls.supported_modes:
             configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
+    target = ("floor", "-") if group == "param" else reference
+    others = [k for k in configs if k != target]
     times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
-    for k, step in configs.items():  # warm-up
+    before: dict[tuple[str, str], list[float]] = {k: [] for k in others}
+    after: dict[tuple[str, str], list[float]] = {k: [] for k in others}
+    for step in configs.values():  # warm-up
         step()
         step()
     for _ in range(repeats):
-        for k, step in configs.items():
-            step()  # untimed: the timed steps follow a step of their own configuration, as in training
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(inner):
-                step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[k].append((time.perf_counter() - start) / inner)
+        # reference, c1, reference, c2, …, reference: every configuration between two reference samples.
+        last = timed(configs[target], inner, device)
+        times[target].append(last)
+        for k in others:
+            times[k].append(timed(configs[k], inner, device))
+            before[k].append(last)
+            last = timed(configs[target], inner, device)
+            after[k].append(last)
+            times[target].append(last)
     memory = {k: peak_memory(step, device) for k, step in configs.items()}
-    ew = times[reference]
-    floor = times.get(("floor", "-"))
-    return [{"T": t, "method": name, "mode": mode, "ms": 1e3 * statistics.median(samples),
-             "x_ew": paired_ratio(samples, ew), "x_floor": paired_ratio(samples, floor) if floor else None,
-             "mem_x_ew": memory[(name, mode)] / max(memory[reference], 1.0)}
-            for (name, mode), samples in times.items()]
-
-
-def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: int = 2) -> list[dict[str, object]]:
-    """Every T and group in a fresh process: a process that ran the param-mode steps (T×P Jacobians,
-    tens of MB per step) leaves its heap in a state that slows every later step of the same process
-    by up to 30%, which would bias whatever runs after them."""
+    medians = {k: statistics.median(v) for k, v in times.items()}
     rows = []
-    context = multiprocessing.get_context("spawn")
-    for t in tasks:
-        for group in ("param", "rep"):
-            with context.Pool(1) as pool:
-                rows += pool.apply(run_group, (t, group, repeats, device, inner, threads))
+    for (name, mode), samples in times.items():
+        key = (name, mode)
+        to_target = 1.0 if key == target else bracketed_ratio(samples, before[key], after[key])
+        x_ew = to_target if group == "rep" else medians[key] / medians[reference]
+        x_floor = to_target if group == "param" else None
+        rows.append({"T": t, "method": name, "mode": mode, "ms": 1e3 * medians[key], "x_ew": x_ew,
+                     "x_floor": x_floor, "mem_x_ew": memory[key] / max(memory[reference], 1.0)})
+    return rows
+
+
+def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: int = 2,
+        allocator: str = "retain") -> list[dict[str, object]]:
+    """Every T and group in a fresh process (with glibc's default allocator, a process that ran the
+    param-mode steps leaves its heap in a state that slowed every later step of the same process by
+    up to 30%), started with the allocator settings of ``allocator`` (see the module docstring)."""
+    if allocator not in ("retain", "system"):
+        raise ValueError(f"allocator must be 'retain' or 'system', got {allocator!r}.")
+    saved = {k: os.environ.get(k) for k in RETAINING_MALLOC}
+    if allocator == "retain":
+        os.environ.update(RETAINING_MALLOC)  # read by glibc when each spawned worker starts
+    rows = []
+    try:
+        context = multiprocessing.get_context("spawn")
+        for t in tasks:
+            for group in ("param", "rep"):
+                with context.Pool(1) as pool:
+                    rows += pool.apply(run_group, (t, group, repeats, device, inner, threads))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return rows
 
 
@@ -200,9 +251,11 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=3, help="consecutive timed steps per configuration and round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", choices=["retain", "system"], default="retain",
+                        help="retain: glibc keeps freed memory for reuse (no per-step page faults); system: glibc defaults")
     args = parser.parse_args()
-    print(f"device={args.device} threads={args.threads} torch={torch.__version__}")
-    print(table(run(args.tasks, args.repeats, args.device, args.inner, args.threads)))
+    print(f"device={args.device} threads={args.threads} allocator={args.allocator} torch={torch.__version__}")
+    print(table(run(args.tasks, args.repeats, args.device, args.inner, args.threads, args.allocator)))
 
 
 if __name__ == "__main__":
