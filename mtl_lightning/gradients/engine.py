@@ -162,7 +162,7 @@ def _aliased_head_backward(losses: list[Tensor], features: Tensor, head_inputs: 
     Σ_t L_t; a task whose head read detached features (no alias with a gradient) gets zeros for z."""
     aliases = [x for x in head_inputs if x is not None and x.requires_grad]
     head_params = [p for h in heads for p in h]
-    grads = torch.autograd.grad(torch.stack(losses).sum(), [*aliases, *head_params], retain_graph=True,
+    grads = torch.autograd.grad(losses, [*aliases, *head_params], retain_graph=True,
                                 allow_unused=True)
     by_alias = iter(grads[: len(aliases)])
     rows = [next(by_alias) if x is not None and x.requires_grad else None for x in head_inputs]
