@@ -95,7 +95,8 @@ def _simplex_face_solves(matrix: Tensor, f: Tensor, vector: Tensor) -> tuple[Ten
 
 
 def _one_per_row(coordinates: Tensor, index: Tensor, where: Tensor) -> Tensor:
-    """Boolean (B, T) mask holding coordinate ``index[b]`` of each row b where ``where[b]``."""
+    """Boolean (B, T) mask holding coordinate ``index[b]`` of each row b where ``where[b]`` ((T,) for a
+    single problem: 0-dim ``index`` and ``where``)."""
     return (coordinates == index.unsqueeze(-1)) & where.unsqueeze(-1)
 
 
@@ -207,18 +208,18 @@ def active_set_newton(
             searched = torch.where(improves, steps[best], torch.zeros_like(longest))
             theta = torch.where(close, theta, searched)
             at_face_optimum = torch.where(close, at_face_optimum, ~improves | ((searched >= 1.0) & small))
-        stays = (theta < longest) | (longest >= 1.0)  # no coordinate reached 0
+        blocked = (theta >= longest) & (longest < 1.0)
         x = torch.addcmul(x, theta, d).clamp_min_(0)
-        leaving = (coordinates == blocking) & ~stays
+        leaving = _one_per_row(coordinates, blocking, blocked)
         x = x.masked_fill_(leaving, 0)
         free = free & ~leaving
         # Reduced gradient after the step (to second order): on a face optimum the free coordinates
         # share the value ν = −μ; a fixed coordinate below ν is a descent direction.
         violation = torch.addcmul(grad, theta, hessian @ d).add_(mu).masked_fill_(free, torch.inf)
         worst, entering = violation.min(0)
-        done = at_face_optimum & stays
+        done = at_face_optimum & ~blocked
         enter = done & (worst < -tol)
-        free = free | ((coordinates == entering) & enter)
+        free = free | _one_per_row(coordinates, entering, enter)
         x = x / x.sum()
         if converged(done & ~enter, iteration):
             break
