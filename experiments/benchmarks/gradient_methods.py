@@ -43,6 +43,7 @@ import statistics
 import time
 from functools import partial
 from typing import Callable
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -190,8 +191,8 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
     memory = {k: peak_memory(step, device) for k, step in configs.items()}
     medians = {k: statistics.median(v) for k, v in times.items()}
     rows = []
-    for (name, mode), samples in times.items():
-        key = (name, mode)
+    for key, samples in times.items():
+        name, mode = key
         to_target = 1.0 if key == target else bracketed_ratio(samples, before[key], after[key])
         x_ew = to_target if group == "rep" else medians[key] / medians[reference]
         x_floor = to_target if group == "param" else None
@@ -207,22 +208,14 @@ def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: in
     up to 30%), started with the allocator settings of ``allocator`` (see the module docstring)."""
     if allocator not in ("retain", "system"):
         raise ValueError(f"allocator must be 'retain' or 'system', got {allocator!r}.")
-    saved = {k: os.environ.get(k) for k in RETAINING_MALLOC}
-    if allocator == "retain":
-        os.environ.update(RETAINING_MALLOC)  # read by glibc when each spawned worker starts
     rows = []
-    try:
-        context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("spawn")
+    # Read by glibc when each spawned worker starts; the parent's environment is restored afterwards.
+    with mock.patch.dict(os.environ, RETAINING_MALLOC if allocator == "retain" else {}):
         for t in tasks:
             for group in ("param", "rep"):
                 with context.Pool(1) as pool:
                     rows += pool.apply(run_group, (t, group, repeats, device, inner, threads))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return rows
 
 
