@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_lightning.gradients import per_task_gradients, representation_backward, task_jacobian
+from mtl_lightning.gradients import combine, gramian, per_task_gradients, representation_backward, task_jacobian
 from mtl_lightning.gradients.engine import flatten_jacobian
 
 
@@ -118,3 +118,27 @@ def test_aliased_engine_runs_one_backward_through_the_heads():
     per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "rep",
                        head_inputs=aliases)
     assert calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("columns", [7, 1 << 16, (1 << 16) + 37])  # short; chunked exactly; chunked + remainder
+def test_gramian_and_combine_match_the_concatenated_jacobian(tasks, columns):
+    torch.manual_seed(tasks)
+    blocks = [torch.randn(tasks, columns), torch.randn(tasks, 3, 5), torch.randn(tasks, 11).to(torch.bfloat16)]
+    flat = torch.cat([b.reshape(tasks, -1).double() for b in blocks], dim=1)
+    m = gramian(blocks)
+    assert m.dtype == torch.float32 and m.shape == (tasks, tasks)
+    torch.testing.assert_close(m.double(), flat @ flat.T, rtol=1e-5, atol=1e-3)
+    weights = torch.randn(tasks)
+    out = combine(weights, blocks)
+    expected = weights.double() @ flat
+    assert [o.shape for o in out] == [b.shape[1:] for b in blocks]
+    assert [o.dtype for o in out] == [b.dtype for b in blocks]
+    got = torch.cat([o.reshape(-1).double() for o in out])
+    torch.testing.assert_close(got[: -11], expected[: -11], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[-11:], expected[-11:], rtol=2e-2, atol=2e-2)  # the bf16 block
+
+
+def test_gramian_needs_a_block():
+    with pytest.raises(ValueError, match="at least one"):
+        gramian([])

@@ -7,7 +7,9 @@ from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.cagrad import CAGrad
 from mtl_lightning.gradients.db_mtl import DBMTL
 from mtl_lightning.gradients.engine import (
+    combine,
     flatten_jacobian,
+    gramian,
     per_task_gradients,
     representation_backward,
     task_jacobian,
@@ -23,7 +25,7 @@ from mtl_lightning.gradients.pcgrad import PCGrad
 from mtl_lightning.gradients.upgrad import UPGrad
 
 __all__ = [
-    "task_jacobian", "flatten_jacobian", "unflatten_into", "per_task_gradients", "representation_backward",
+    "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients", "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
     "UPGrad", "DBMTL", "FairGrad",
 ]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
-from mtl_lightning.gradients.engine import per_task_gradients, representation_backward
+from mtl_lightning.gradients.engine import combine, gramian, per_task_gradients, representation_backward
 
 MODES = ("param", "rep")
 
@@ -79,7 +79,7 @@ class GradientBalancer(BalancingMethod):
         modified in place. Default: d = Jᵀw with w = :meth:`weights`.
         """
         w = self.weights(gramian, losses)
-        return [torch.tensordot(w.to(block.dtype), block, dims=1) for block in jacobian], w
+        return combine(w, jacobian), w
 
     # -- the contract ---------------------------------------------------------------------------
     def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
@@ -165,12 +165,8 @@ class GradientBalancer(BalancingMethod):
     @staticmethod
     def _gramian(jacobian: list[Tensor], scale: Optional[Tensor]) -> Tensor:
         """M = JJᵀ of the unscaled gradients, summed block by block (no T×P concatenation)."""
-        gramian = None
-        for block in jacobian:
-            flat = block.reshape(block.shape[0], -1).float()  # bf16 representation gradients: upcast
-            gramian = flat @ flat.T if gramian is None else gramian.addmm_(flat, flat.T)
-        gramian = gramian.double()
-        return gramian if scale is None else gramian / scale.double() ** 2
+        m = gramian(jacobian).double()
+        return m if scale is None else m / scale.double() ** 2
 
     @staticmethod
     def _write(params: list[nn.Parameter], grads: list[Tensor]) -> None:

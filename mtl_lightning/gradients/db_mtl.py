@@ -9,6 +9,7 @@ from torch import Tensor
 
 from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.gradients.base import GradientBalancer
+from mtl_lightning.gradients.engine import combine
 from mtl_lightning.gradients.solvers import reading_is_free
 
 
@@ -53,7 +54,7 @@ class DBMTL(GradientBalancer):
         norms = torch.linalg.vector_norm(torch.stack([_row_norms(a) for a in self.average]), dim=0)
         weights = norms.max() / (norms + 1e-8)
         scaled = weights if scale is None else weights * scale.to(weights.dtype)
-        return [torch.tensordot(scaled, a, dims=1) for a in self.average], weights
+        return combine(scaled, self.average), weights
 
     def _update_average(self, log_grads: list[Tensor], keep: float, may_overflow: bool) -> None:
         """ĝ ← keep·ĝ + (1 − keep)·∇log L, in place (one pass over the average).
