@@ -25,7 +25,8 @@ from mtl_lightning.gradients.pcgrad import PCGrad
 from mtl_lightning.gradients.upgrad import UPGrad
 
 __all__ = [
-    "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients", "representation_backward",
+    "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
+    "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
     "UPGrad", "DBMTL", "FairGrad",
 ]

@@ -83,10 +83,11 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
         columns = flat.shape[1]
         if flat.device.type == "cpu" and columns >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
             width = columns // _GRAMIAN_CHUNKS
-            chunks = flat[:, : width * _GRAMIAN_CHUNKS].unflatten(1, (_GRAMIAN_CHUNKS, width)).transpose(0, 1)
+            covered = width * _GRAMIAN_CHUNKS
+            chunks = flat[:, :covered].unflatten(1, (_GRAMIAN_CHUNKS, width)).transpose(0, 1)
             part = torch.bmm(chunks, chunks.transpose(1, 2)).sum(0)
-            if width * _GRAMIAN_CHUNKS < columns:
-                rest = flat[:, width * _GRAMIAN_CHUNKS :]
+            if covered < columns:
+                rest = flat[:, covered:]
                 part.addmm_(rest, rest.T)
         else:
             part = flat @ flat.T
