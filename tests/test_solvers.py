@@ -53,7 +53,7 @@ def test_cagrad_simplex_weights_minimise_the_official_objective(t, seed, c):
     assert objective(w) <= objective(ref) + 1e-9
 
 
-@pytest.mark.parametrize("t,seed", [(4, 0), (9, 1), (16, 2)])
+@pytest.mark.parametrize("t,seed", [(2, 0), (2, 1), (2, 2), (4, 0), (9, 1), (16, 2)])
 def test_dual_cone_weights_match_nnls(t, seed):
     m = conflicting_gramian(t, seed)
     m = m / np.trace(m) + 1e-4 * np.eye(t)
@@ -64,6 +64,17 @@ def test_dual_cone_weights_match_nnls(t, seed):
         u, _ = nnls(factor, -factor[:, i])
         np.testing.assert_allclose(v[i], np.eye(t)[i] + u, atol=1e-8)
 
+
+
+@pytest.mark.parametrize("jac,expected", [
+    ([[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]),  # no conflict: each row stays e_i
+    ([[1.0, 0.0], [-1.0, 1.0]], [[1.0, 0.5], [1.0, 1.0]]),  # v_0 = e_0 + ½e_1, v_1 = e_1 + e_0
+    ([[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]),  # a zero gradient is never projected onto
+    ([[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]),
+])
+def test_dual_cone_weights_pair_by_hand(jac, expected):
+    jac = torch.tensor(jac, dtype=torch.float64)
+    np.testing.assert_allclose(dual_cone_weights(jac @ jac.T).numpy(), expected, atol=1e-12)
 
 @pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
 def test_power_balance_matches_least_squares(power):

@@ -67,17 +67,6 @@ def warm_start(previous: Optional[Tensor], default: Tensor) -> Tensor:
     return torch.where(torch.isfinite(previous).all(), previous, default)
 
 
-def min_norm_pair(m11: Tensor, m12: Tensor, m22: Tensor) -> tuple[Tensor, Tensor]:
-    """Closed form of min_{γ∈[0,1]} ‖γ g_1 + (1−γ) g_2‖² from the Gramian entries.
-
-    Returns (γ, squared norm at γ); elementwise over batched entries.
-    """
-    denom = m11 + m22 - 2 * m12
-    gamma = torch.where(denom > 0, (m22 - m12) / denom.clamp_min(1e-30), torch.full_like(denom, 0.5)).clamp(0, 1)
-    cost = gamma**2 * m11 + (1 - gamma) ** 2 * m22 + 2 * gamma * (1 - gamma) * m12
-    return gamma, cost
-
-
 def _face_matrix(hessian: Tensor, f: Tensor, shift: Optional[Tensor] = None) -> Tensor:
     """H on the free coordinates (``f``: 1 free, 0 fixed; batched over rows) and the identity on the
     fixed ones, so that solving with right-hand sides zero there leaves them at 0; ``shift`` (B, 1)
@@ -236,13 +225,22 @@ def min_norm_simplex(gramian: Tensor, iterations: Optional[int] = None, start: O
     if t == 1:
         return torch.ones(1, dtype=m.dtype, device=m.device)
     if t == 2:
-        gamma, _ = min_norm_pair(m[0, 0], m[0, 1], m[1, 1])
-        return torch.stack([gamma, 1 - gamma])
+        return _min_norm_pair_weights(m)
     q = m / m.diagonal().mean().clamp_min(1e-30)
     q.diagonal().add_(1e-12)
     x = warm_start(start, torch.full((t,), 1.0 / t, dtype=m.dtype, device=m.device)).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
     return active_set_qp(q, None, (x / x.sum()).unsqueeze(0), simplex=True, iterations=budget)[0]
+
+
+def _min_norm_pair_weights(m: Tensor) -> Tensor:
+    """The T = 2 case of :func:`min_norm_simplex` in closed form: w = (γ, 1 − γ) with
+    γ = clip((M₂₂ − M₁₂)/‖g₁ − g₂‖², 0, 1), and γ = ½ where the two gradients coincide."""
+    m11, m12, _, m22 = m.reshape(-1).unbind()
+    rest = m22 - m12
+    denominator = (m11 - m12).add_(rest)  # ‖g₁ − g₂‖²
+    gamma = torch.where(denominator > 0, rest / denominator.clamp_min(1e-30), 0.5).clamp_(0, 1)
+    return torch.stack([gamma, 1 - gamma])
 
 
 def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] = None,
@@ -278,25 +276,26 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] 
     return active_set_newton(grad_hessian, value, x / x.sum(), iterations=budget)
 
 
-def _cagrad_pair_weights(m: Tensor, b: Tensor, c: float) -> Tensor:
+def _cagrad_pair_weights(m: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """The T = 2 case of :func:`cagrad_simplex_weights` in closed form (the official toy minimises the
     same one-dimensional problem with a bounded scalar search).
 
     With w = (γ, 1−γ): F(γ) = b₂ + βγ + c√(q(γ) + 1e-8), β = b₁ − b₂, q(γ) = Aγ² + 2Bγ + m₂₂ convex.
-    F'(γ) = 0 gives u = Aγ + B = −sign(β)|β|√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B². The minimum is
+    F'(γ) = 0 gives u = Aγ + B = −β√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B². The minimum is
     the best of γ = 0, 1 and that root. Near a Pareto-stationary point (g_w ≈ 0, where the square
     root is not smooth) iterative solvers need many steps; this does not.
     """
-    a = m[0, 0] - 2 * m[0, 1] + m[1, 1]
-    bb = m[0, 1] - m[1, 1]
-    beta = b[0] - b[1]
-    d = (a * (m[1, 1] + 1e-8) - bb**2).clamp_min(0)
-    u = -torch.sign(beta) * beta.abs() * (d / (c**2 * a - beta**2)).sqrt()
-    root = (u - bb) / a
-    root = torch.where(torch.isfinite(root), root, torch.full_like(root, 0.5)).clamp(0, 1)
+    m11, m12, _, m22 = m.reshape(-1).unbind()
+    b1, b2 = b.unbind()
+    a = m11 - 2 * m12 + m22
+    bb = m12 - m22
+    beta = b1 - b2
+    d = (m22 + 1e-8).mul_(a).addcmul_(bb, bb, value=-1).clamp_min_(0)
+    u = (d / (c * c * a).addcmul_(beta, beta, value=-1)).sqrt_().mul_(beta).neg_()
+    root = torch.nan_to_num((u - bb) / a, nan=0.5, posinf=0.5, neginf=0.5).clamp_(0, 1)
     gammas = torch.stack([torch.zeros_like(root), torch.ones_like(root), root])
-    q = (a * gammas**2 + 2 * bb * gammas + m[1, 1]).clamp_min(0)
-    objective = b[1] + beta * gammas + c * (q + 1e-8).sqrt()
+    q = torch.addcmul(m22, torch.addcmul(2 * bb, a, gammas), gammas).clamp_min_(0)  # Aγ² + 2Bγ + m₂₂
+    objective = torch.addcmul(torch.addcmul(b2, beta, gammas), c, q.add_(1e-8).sqrt_())
     gamma = gammas[torch.argmin(objective)]
     return torch.stack([gamma, 1 - gamma])
 
@@ -306,17 +305,30 @@ def dual_cone_weights(gramian: Tensor, iterations: Optional[int] = None, start: 
 
     Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved as T non-negative
     quadratic programs in u = v − e_i by the active-set method, from ``start`` (a previous solution
-    v; default v = I), within ``iterations`` active-set steps (default 2T + 4); ``gramian`` should be
-    normalised and regularised (positive definite) by the caller, as TorchJD does.
+    v; default v = I), within ``iterations`` active-set steps (default 2T + 4); the closed form for
+    T = 2. ``gramian`` should be normalised and regularised (positive definite) by the caller, as
+    TorchJD does.
     """
     m = gramian.double()
     t = m.shape[0]
+    if t == 2:
+        return _dual_cone_pair(m)
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
     hessian = 2 * m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * eye  # regular even for reg_eps = 0
     u = (warm_start(start, eye) - eye).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
     # ½(u + e_i)ᵀH(u + e_i) = ½uᵀHu + (He_i)ᵀu + const: row i's linear term is row i of H.
     return active_set_qp(hessian, hessian, u, simplex=False, iterations=budget) + eye
+
+
+def _dual_cone_pair(m: Tensor) -> Tensor:
+    """The T = 2 case of :func:`dual_cone_weights` in closed form: v_i = e_i + max(0, −M_ij/M_jj) e_j.
+
+    For a fixed v_i the best v_j ≥ 0 is max(0, −M_ij v_i/M_jj); what remains, v_i²(M_ii − M_ij²/M_jj),
+    is non-negative and grows with v_i ≥ 1, so v_i = 1. A zero gradient (M_jj = 0, then M_ij = 0) is
+    never projected onto."""
+    partner = (m[0, 1] / m.diagonal().flip(0).clamp_min(1e-30)).neg_().clamp_min_(0)  # row i: −M_ij/M_jj
+    return torch.diag(partner).flip(1).add_(torch.eye(2, dtype=m.dtype, device=m.device))
 
 
 def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int = 30, tol: float = 1e-10) -> Tensor:
