@@ -139,6 +139,17 @@ def test_gramian_and_combine_match_the_concatenated_jacobian(tasks, columns):
     torch.testing.assert_close(got[-11:], expected[-11:], rtol=2e-2, atol=2e-2)  # the bf16 block
 
 
+
+@pytest.mark.parametrize("tasks", [2, 5])
+def test_gramian_groups_runs_of_short_blocks_without_changing_the_result(tasks):
+    """Short blocks are multiplied in concatenated groups of up to 65,536 columns (long blocks in
+    between are multiplied on their own): a block that would overflow a group starts the next."""
+    torch.manual_seed(tasks)
+    shapes = [(40_000,), (30_000,), (3, 5), (1 << 16,), (200, 300), (9,), (64, 3, 3, 3)]
+    blocks = [torch.randn(tasks, *shape) for shape in shapes]
+    flat = torch.cat([b.reshape(tasks, -1).double() for b in blocks], dim=1)
+    torch.testing.assert_close(gramian(blocks).double(), flat @ flat.T, rtol=1e-5, atol=1e-2)
+
 def test_gramian_needs_a_block():
     with pytest.raises(ValueError, match="at least one"):
         gramian([])

@@ -9,7 +9,7 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -62,7 +62,8 @@ def flatten_jacobian(per_input: Sequence[Tensor]) -> Tensor:
     return torch.cat([g.reshape(g.shape[0], -1) for g in per_input], dim=1)
 
 
-#: Row length from which a CPU Gramian is computed as a batched product over column chunks.
+#: Row length from which a CPU Gramian is computed as a batched product over column chunks; shorter
+#: blocks are multiplied in groups of up to this many columns.
 _CHUNKED_GRAMIAN_MIN_COLUMNS = 1 << 16
 _GRAMIAN_CHUNKS = 16
 #: Up to this many tasks the weighted sum of rows is accumulated row by row.
@@ -73,28 +74,51 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
     """M = JJᵀ (T×T, float32) of the Jacobian given as blocks ``(T, *shape)``, summed block by block
     (no T×P concatenation); bf16 / fp16 blocks are upcast.
 
-    On CPU a long block is split into column chunks and multiplied as one batched product: MKL runs the
-    skinny (T × n)·(n × T) product of a long row on a single thread, the batched one on all of them
-    (the Gramian of the reference benchmark's param mode: 1.3–1.6× faster at T = 2 to 16).
+    Consecutive short blocks (biases, norms, small kernels) are concatenated into groups of up to
+    65,536 columns and multiplied once per group: per-block products cost a call each, which for
+    models with hundreds of parameter tensors outweighs the small copy. On CPU a long block is split
+    into column chunks and multiplied as one batched product: MKL runs the skinny (T × n)·(n × T)
+    product of a long row on a single thread, the batched one on all of them (the Gramian of the
+    reference benchmark's param mode: 1.3–1.6× faster at T = 2 to 16).
     """
     total: Optional[Tensor] = None
-    for block in blocks:
-        flat = block.reshape(block.shape[0], -1).float()
-        columns = flat.shape[1]
-        if flat.device.type == "cpu" and columns >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
+    for matrix in _column_groups(blocks):
+        columns = matrix.shape[1]
+        if matrix.device.type == "cpu" and columns >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
             width = columns // _GRAMIAN_CHUNKS
             covered = width * _GRAMIAN_CHUNKS
-            chunks = flat[:, :covered].unflatten(1, (_GRAMIAN_CHUNKS, width)).transpose(0, 1)
+            chunks = matrix[:, :covered].unflatten(1, (_GRAMIAN_CHUNKS, width)).transpose(0, 1)
             part = torch.bmm(chunks, chunks.transpose(1, 2)).sum(0)
             if covered < columns:
-                rest = flat[:, covered:]
+                rest = matrix[:, covered:]
                 part.addmm_(rest, rest.T)
+            total = part if total is None else total.add_(part)
+        elif total is None:
+            total = matrix @ matrix.T
         else:
-            part = flat @ flat.T
-        total = part if total is None else total.add_(part)
+            total.addmm_(matrix, matrix.T)
     if total is None:
         raise ValueError("gramian needs at least one Jacobian block.")
     return total
+
+
+def _column_groups(blocks: Sequence[Tensor]) -> Iterator[Tensor]:
+    """The blocks as float32 (T, n) matrices: long ones alone, the short ones (wherever they sit)
+    concatenated into groups of up to ``_CHUNKED_GRAMIAN_MIN_COLUMNS`` columns."""
+    run: list[Tensor] = []
+    width = 0
+    for block in blocks:
+        flat = block.reshape(block.shape[0], -1).float()
+        if flat.shape[1] >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            yield flat
+            continue
+        if run and width + flat.shape[1] > _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            yield run[0] if len(run) == 1 else torch.cat(run, 1)
+            run, width = [], 0
+        run.append(flat)
+        width += flat.shape[1]
+    if run:
+        yield run[0] if len(run) == 1 else torch.cat(run, 1)
 
 
 def combine(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
@@ -104,12 +128,17 @@ def combine(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
     faster than the (1 × T)·(T × n) product that MKL runs on a single thread; beyond, that product.
     """
     out = []
+    cast: dict[torch.dtype, tuple[Tensor, tuple[Tensor, ...]]] = {}  # weights (and their entries) per dtype
     for block in blocks:
-        w = weights.to(block.dtype)
+        if block.dtype not in cast:
+            w = weights.to(block.dtype)
+            cast[block.dtype] = w, w.unbind()
+        w, entries = cast[block.dtype]
         if block.shape[0] <= _ROW_BY_ROW_MAX_TASKS:
-            total = torch.mul(block[0], w[0])
-            for t in range(1, block.shape[0]):
-                total.addcmul_(block[t], w[t])
+            rows = block.unbind()
+            total = torch.mul(rows[0], entries[0])
+            for row, entry in zip(rows[1:], entries[1:]):
+                total.addcmul_(row, entry)
             out.append(total)
         else:
             out.append(torch.tensordot(w, block, dims=1))
