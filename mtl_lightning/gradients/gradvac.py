@@ -46,20 +46,19 @@ class GradVac(GradientBalancer):
         # In units of the partner's norm: a = g_i^GV·ĝ_j (ĝ = g/‖g‖), s = ‖g_i^GV‖², τ = φ̂/√(1−φ̂²), the
         # paper's step is σ/‖g_j‖ with σ = max(τ√(s − a²) − a, 0), positive exactly when φ_ij = a/√s < φ̂_ij.
         squares = gramian.diagonal()
-        inverse_norms = torch.where(squares > 0, squares.rsqrt(), 0.0)
-        partner_inverse_norms = inverse_norms[orders]
+        inverse_norms = squares.rsqrt().nan_to_num_(posinf=0.0)  # 0 for a zero gradient
+        partner_inverse_norms = inverse_norms.take(orders)
         pair_targets = targets.gather(1, orders)
         tangents = pair_targets / (1 - pair_targets.square()).clamp_min(0).sqrt().clamp_min(1e-30)
         tangents = torch.where(partner_inverse_norms > 0, tangents, 0.0)  # a zero g_j is never a partner
         cosines = gramian * inverse_norms * inverse_norms.unsqueeze(1)  # ĝ_j·ĝ_m
         projections = gramian * inverse_norms  # row i: g_i^GV·ĝ_m for every m
-        own = squares.unsqueeze(1).clone()  # s_i, updated in closed form
+        own = squares.unsqueeze(1)  # s_i, updated in closed form (never in place)
         # Everything indexed by (i, k) is gathered once, as (T, 1) columns; the loop over k is sequential.
-        flat_pairs = orders + t * torch.arange(t, device=device).unsqueeze(1)  # into `projections` as (T·T)
-        columns = zip(flat_pairs.unsqueeze(2).unbind(1), cosines[orders].unbind(1), tangents.unsqueeze(2).unbind(1))
+        columns = zip(orders.split(1, dim=1), cosines[orders].unbind(1), tangents.split(1, dim=1))
         seen, own_before, negative_steps = [], [], []
-        for pairs, partner_cosines, tangent in columns:
-            a = torch.take(projections, pairs)
+        for partners, partner_cosines, tangent in columns:
+            a = projections.gather(1, partners)
             perpendicular = torch.addcmul(own, a, a, value=-1).clamp_min_(0).sqrt_()
             negative_step = torch.addcmul(a, tangent, perpendicular, value=-1).clamp_max_(0)  # −σ
             projections.addcmul_(negative_step, partner_cosines, value=-1)

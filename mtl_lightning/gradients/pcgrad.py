@@ -27,7 +27,7 @@ class PCGrad(GradientBalancer):
         orders = torch.argsort(torch.rand((t, t), generator=self.generator.get(gramian.device), device=gramian.device), dim=1)
         # Everything indexed by (i, k) is gathered once; the loop over k is sequential by definition.
         partner_rows = gramian[orders].unbind(1)  # [k][i] = M[j_ik, :]
-        partner_squares = gramian.diagonal().clamp_min(1e-30)[orders].unbind(1)
+        partner_squares = gramian.diagonal().clamp_min(1e-30).take(orders).unbind(1)
         partner_onehots = torch.nn.functional.one_hot(orders, t).to(gramian.dtype).unbind(1)
         coeffs = torch.eye(t, dtype=gramian.dtype, device=gramian.device)
         for rows, squares, onehots in zip(partner_rows, partner_squares, partner_onehots):
