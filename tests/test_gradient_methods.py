@@ -125,6 +125,23 @@ def test_gradvac_general_case_matches_vector_reference_over_steps():
     np.testing.assert_allclose(method.targets.numpy(), targets, atol=1e-9)
 
 
+
+def test_gradvac_two_tasks_match_vector_reference_over_steps():
+    """T = 2 takes its own one-step path: checked over steps where the targets move, the pair
+    conflicts or not, and one gradient is zero."""
+    method = GradVac(beta=0.4)
+    targets = np.zeros((2, 2))
+    rng = np.random.default_rng(11)
+    for step in range(6):
+        jac = rng.normal(size=(2, 5))
+        if step % 2:
+            jac[1] = -0.8 * jac[0] + 0.3 * jac[1]  # conflicting
+        if step == 4:
+            jac[1] = 0.0
+        expected = gradvac_reference(jac, [[1], [0]], targets, 0.4)
+        np.testing.assert_allclose(direction(method, jac), expected, atol=1e-10)
+        np.testing.assert_allclose(method.targets.numpy(), targets, atol=1e-12)
+
 def test_gradvac_zero_gradient_task_is_never_a_partner():
     """A task whose gradient is zero (e.g. a converged task) has no direction to align with: it gets
     no vaccination step, the others' weights stay finite, and its own targets still update."""

@@ -16,8 +16,9 @@ class GradVac(GradientBalancer):
     then φ̂_ij ← (1−β)φ̂_ij + βφ_ij (every pair, as in the paper's Algorithm 1). d = Σ_i g_i^GV.
 
     Computed on the Gramian like :class:`PCGrad`, all tasks i at once: the T − 1 partner steps are
-    sequential, the tasks are not. A task whose gradient is zero is never a partner (the formula
-    divides by ‖g_j‖; there is no direction to align with). Targets start at 0 and are checkpointed.
+    sequential, the tasks are not (at T = 2 each task has one partner: one step, no random order). A
+    task whose gradient is zero is never a partner (the formula divides by ‖g_j‖; there is no
+    direction to align with). Targets start at 0 and are checkpointed.
 
     Args:
         beta: EMA rate of the similarity targets (LibMTL's default 0.5).
@@ -40,6 +41,8 @@ class GradVac(GradientBalancer):
         targets = self.targets.to(device=device, dtype=dtype)
         if t == 1:
             return torch.ones(1, dtype=dtype, device=device)
+        if t == 2:
+            return self._pair_weights(gramian, targets)
         order_keys = torch.rand((t, t), generator=self.generator.get(device), device=device)
         order_keys.diagonal().fill_(2.0)  # self last
         orders = torch.argsort(order_keys, dim=1)[:, : t - 1]  # (T, T−1): task i's partners in order
@@ -49,8 +52,7 @@ class GradVac(GradientBalancer):
         inverse_norms = squares.rsqrt().nan_to_num_(posinf=0.0)  # 0 for a zero gradient
         partner_inverse_norms = inverse_norms.take(orders)
         pair_targets = targets.gather(1, orders)
-        tangents = pair_targets / (1 - pair_targets.square()).clamp_min(0).sqrt().clamp_min(1e-30)
-        tangents = torch.where(partner_inverse_norms > 0, tangents, 0.0)  # a zero g_j is never a partner
+        tangents = _tangents(pair_targets, partner_inverse_norms)
         cosines = gramian * inverse_norms * inverse_norms.unsqueeze(1)  # ĝ_j·ĝ_m
         projections = gramian * inverse_norms  # row i: g_i^GV·ĝ_m for every m
         own = squares.unsqueeze(1)  # s_i, updated in closed form (never in place)
@@ -67,11 +69,30 @@ class GradVac(GradientBalancer):
             own = torch.addcmul(own, negative_step, torch.add(negative_step, a, alpha=-2))  # s + 2σa + σ²
             negative_steps.append(negative_step)
         similarities = torch.cat(seen, 1) / torch.cat(own_before, 1).clamp_min(0).sqrt().clamp_min(1e-30)
-        updated = (1 - self.beta) * pair_targets + self.beta * similarities
-        # A non-finite step (fp16 overflow, skipped by the optimizer) must not poison the targets.
-        self.targets = targets.scatter(1, orders, torch.where(torch.isfinite(updated), updated, pair_targets))
+        self.targets = targets.scatter(1, orders, self._updated_targets(pair_targets, similarities))
         steps = torch.cat(negative_steps, 1).mul_(partner_inverse_norms).reshape(-1)  # −σ/‖g_j‖
         return torch.ones(t, dtype=dtype, device=device).scatter_add_(0, orders.reshape(-1), steps.neg_())
+
+    def _pair_weights(self, gramian: Tensor, targets: Tensor) -> Tensor:
+        """T = 2: the partner loop of :meth:`weights` is one step for both tasks (j = 1 − i), computed
+        on 2-vectors indexed by i."""
+        squares = gramian.diagonal()
+        inverse_norms = squares.rsqrt().nan_to_num_(posinf=0.0)
+        partner_inverse_norms = inverse_norms.flip(0)
+        pair_targets = targets.flip(1).diagonal()  # (φ̂_01, φ̂_10)
+        a = gramian[0, 1] * partner_inverse_norms  # g_i·ĝ_j
+        perpendicular = torch.addcmul(squares, a, a, value=-1).clamp_min_(0).sqrt_()
+        negative_steps = torch.addcmul(a, _tangents(pair_targets, partner_inverse_norms), perpendicular,
+                                       value=-1).clamp_max_(0)  # −σ_i
+        similarities = a / squares.clamp_min(0).sqrt().clamp_min(1e-30)
+        self.targets = torch.diag(self._updated_targets(pair_targets, similarities)).flip(1)
+        return 1 - (negative_steps * partner_inverse_norms).flip(0)  # task j gains σ_i/‖g_j‖
+
+    def _updated_targets(self, pair_targets: Tensor, similarities: Tensor) -> Tensor:
+        """φ̂ ← (1−β)φ̂ + βφ; a non-finite step (fp16 overflow, skipped by the optimizer) must not
+        poison the targets."""
+        updated = (1 - self.beta) * pair_targets + self.beta * similarities
+        return torch.where(torch.isfinite(updated), updated, pair_targets)
 
     def state_dict(self) -> dict[str, Any]:
         return {"targets": self.targets, "generator": self.generator.state()}
@@ -79,3 +100,9 @@ class GradVac(GradientBalancer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.targets = state_dict.get("targets")
         self.generator.load(state_dict.get("generator"))
+
+
+def _tangents(pair_targets: Tensor, partner_inverse_norms: Tensor) -> Tensor:
+    """τ = φ̂/√(1−φ̂²) of each pair, 0 where the partner's gradient is zero (never a partner)."""
+    tangents = pair_targets / (1 - pair_targets.square()).clamp_min(0).sqrt().clamp_min(1e-30)
+    return torch.where(partner_inverse_norms > 0, tangents, 0.0)
