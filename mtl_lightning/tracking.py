@@ -73,8 +73,9 @@ def read_offline_run(run_file: str) -> tuple[dict[str, list[float]], dict[str, A
     """Read a W&B offline run file (``run-*.wandb``) without uploading it.
 
     Returns (history: ``{key: [values…]}`` in logging order, config: ``{key: value}``). Useful to
-    inspect offline runs on a cluster node and in tests. The file is a LevelDB-style log of
-    protobuf ``Record`` messages in 32 KiB blocks after a 7-byte header.
+    inspect offline runs on a cluster node and in tests. Read a run of the same process after
+    ``wandb.teardown()``, which waits for W&B's service to write out and close the file. The file is
+    a LevelDB-style log of protobuf ``Record`` messages in 32 KiB blocks after a 7-byte header.
     """
     import json
     import struct

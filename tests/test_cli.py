@@ -49,11 +49,13 @@ def test_fit_writes_offline_wandb_run_with_metrics_and_config_twice_in_same_fold
     for _ in range(2):
         MTLCLI(args=["fit", "--config", EW, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1", *SMALL])
         wandb.finish()
+    wandb.teardown()  # waits for W&B's service to write out and close the run files before they are read
     runs = sorted(glob.glob("runs/wandb/offline-run-*"))
     assert len(runs) == 2
     history, config = read_offline_run(glob.glob(f"{runs[-1]}/run-*.wandb")[0])
     for task in ("left", "right"):
-        assert history[f"val/{task}/accuracy"] and history[f"train/{task}/loss_step"]
+        for key in (f"val/{task}/accuracy", f"train/{task}/loss_step"):
+            assert history.get(key), f"{key} missing from the offline run; it holds {sorted(history)}"
         assert all(w == 1.0 for w in history[f"train/{task}/weight"])
     assert config["trainer.max_epochs"] == 1
     assert config["model.tasks"][0]["init_args"]["name"] == "left"
