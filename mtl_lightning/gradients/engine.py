@@ -74,8 +74,8 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
     """M = JJᵀ (T×T, float32) of the Jacobian given as blocks ``(T, *shape)``, summed block by block
     (no T×P concatenation); bf16 / fp16 blocks are upcast.
 
-    Consecutive short blocks (biases, norms, small kernels) are concatenated into groups of up to
-    65,536 columns and multiplied once per group: per-block products cost a call each, which for
+    Short blocks (biases, norms, small kernels; wherever they sit among the long ones) are concatenated
+    into groups of up to 65,536 columns and multiplied once per group: per-block products cost a call each, which for
     models with hundreds of parameter tensors outweighs the small copy. On CPU a long block is split
     into column chunks and multiplied as one batched product: MKL runs the skinny (T × n)·(n × T)
     product of a long row on a single thread, the batched one on all of them (the Gramian of the

@@ -41,15 +41,15 @@ class GradVac(GradientBalancer):
         targets = self.targets.to(device=device, dtype=dtype)
         if t == 1:
             return torch.ones(1, dtype=dtype, device=device)
-        if t == 2:
-            return self._pair_weights(gramian, targets)
-        order_keys = torch.rand((t, t), generator=self.generator.get(device), device=device)
-        order_keys.diagonal().fill_(2.0)  # self last
-        orders = torch.argsort(order_keys, dim=1)[:, : t - 1]  # (T, T−1): task i's partners in order
         # In units of the partner's norm: a = g_i^GV·ĝ_j (ĝ = g/‖g‖), s = ‖g_i^GV‖², τ = φ̂/√(1−φ̂²), the
         # paper's step is σ/‖g_j‖ with σ = max(τ√(s − a²) − a, 0), positive exactly when φ_ij = a/√s < φ̂_ij.
         squares = gramian.diagonal()
         inverse_norms = squares.rsqrt().nan_to_num_(posinf=0.0)  # 0 for a zero gradient
+        if t == 2:
+            return self._pair_weights(gramian, targets, squares, inverse_norms)
+        order_keys = torch.rand((t, t), generator=self.generator.get(device), device=device)
+        order_keys.diagonal().fill_(2.0)  # self last
+        orders = torch.argsort(order_keys, dim=1)[:, : t - 1]  # (T, T−1): task i's partners in order
         partner_inverse_norms = inverse_norms.take(orders)
         pair_targets = targets.gather(1, orders)
         tangents = _tangents(pair_targets, partner_inverse_norms)
@@ -73,11 +73,9 @@ class GradVac(GradientBalancer):
         steps = torch.cat(negative_steps, 1).mul_(partner_inverse_norms).reshape(-1)  # −σ/‖g_j‖
         return torch.ones(t, dtype=dtype, device=device).scatter_add_(0, orders.reshape(-1), steps.neg_())
 
-    def _pair_weights(self, gramian: Tensor, targets: Tensor) -> Tensor:
+    def _pair_weights(self, gramian: Tensor, targets: Tensor, squares: Tensor, inverse_norms: Tensor) -> Tensor:
         """T = 2: the partner loop of :meth:`weights` is one step for both tasks (j = 1 − i), computed
-        on 2-vectors indexed by i."""
-        squares = gramian.diagonal()
-        inverse_norms = squares.rsqrt().nan_to_num_(posinf=0.0)
+        on 2-vectors indexed by i (``squares``: ‖g_i‖², ``inverse_norms``: 1/‖g_i‖, 0 for a zero g_i)."""
         partner_inverse_norms = inverse_norms.flip(0)
         pair_targets = targets.flip(1).diagonal()  # (φ̂_01, φ̂_10)
         a = gramian[0, 1] * partner_inverse_norms  # g_i·ĝ_j
