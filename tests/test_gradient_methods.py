@@ -188,18 +188,22 @@ def test_cagrad_with_zero_radius_is_the_mean_gradient():
     np.testing.assert_allclose(direction(CAGrad(c=0.0), jac), jac.mean(0), atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["random", "nearly_opposite", "aligned"])
+@pytest.mark.parametrize("kind", ["random", "nearly_opposite", "aligned", "unequal_norms"])
 def test_cagrad_two_tasks_closed_form_matches_a_bounded_scalar_search(kind):
     # T = 2 is solved in closed form; the official toy minimises the same 1-D problem with scipy's
     # bounded minimize_scalar, used here as the reference (on the normalised Gramian, as the solver).
+    # With one gradient 10-100x shorter than the other the objective is monotone on [0, 1] (no
+    # stationary point): the closed form's endpoint branch.
     from scipy.optimize import minimize_scalar
 
     from mtl_lightning.gradients.solvers import cagrad_simplex_weights
 
-    rng = np.random.default_rng({"random": 0, "nearly_opposite": 1, "aligned": 2}[kind])
+    rng = np.random.default_rng({"random": 0, "nearly_opposite": 1, "aligned": 2, "unequal_norms": 3}[kind])
     for _ in range(20):
         jac = rng.normal(size=(2, 6))
-        if kind == "nearly_opposite":
+        if kind == "unequal_norms":
+            jac[1] *= rng.uniform(0.01, 0.1)
+        elif kind == "nearly_opposite":
             jac[1] = -rng.uniform(0.2, 3.0) * jac[0] + 1e-3 * rng.normal(size=6)
         elif kind == "aligned":
             jac[1] = rng.uniform(0.2, 3.0) * jac[0] + 0.3 * rng.normal(size=6)
@@ -277,6 +281,21 @@ def test_degenerate_gradients_give_finite_weights_without_raising(cls, jac):
     for _ in range(2):  # the second call is warm-started
         weights = method.weights(jac @ jac.T, torch.ones(jac.shape[0]))
         assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("cls", [MGDA, PCGrad, GradVac, CAGrad, NashMTL, IMTLG, AlignedMTL, UPGrad, FairGrad])
+def test_weights_accept_a_float32_gramian(cls, t):
+    """The training step hands ``weights`` a float64 Gramian, but a user calling it on a float32 one
+    (CAGrad and Nash-MTL used to raise a dtype mismatch) gets the float64 answer up to float32 rounding."""
+    jac = torch.tensor(random_jacobian(t, p=9, seed=t))
+    gramian = jac @ jac.T
+    single, double = cls(), cls()
+    torch.manual_seed(0)
+    got = single.weights(gramian.float(), torch.ones(t))
+    torch.manual_seed(0)
+    expected = double.weights(gramian.float().double(), torch.ones(t))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_imtl_g_identical_gradients_follow_them():

@@ -8,7 +8,7 @@ from scipy.optimize import least_squares, minimize, nnls
 
 from mtl_lightning.gradients import FairGrad, NashMTL, solvers
 from mtl_lightning.gradients.solvers import (
-    cagrad_simplex_weights, dual_cone_weights, min_norm_simplex, power_balance, warm_start,
+    all_finite, cagrad_simplex_weights, dual_cone_weights, min_norm_simplex, power_balance, warm_start,
 )
 
 
@@ -165,6 +165,16 @@ def test_unusable_warm_starts_fall_back_to_the_default():
     assert torch.equal(warm_start(None, default), default)
     previous = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     assert torch.equal(warm_start(previous, default), previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    info = torch.finfo(dtype)
+    values = [0.0, -0.0, 1.0, info.max, -info.max, info.tiny, info.tiny / 4, float("inf"), float("-inf"), float("nan")]
+    for value in values:
+        for others in ([], [1.0, -2.0]):
+            x = torch.tensor([*others, value], dtype=dtype)
+            assert bool(all_finite(x)) == bool(torch.isfinite(x).all()), (dtype, value)
 
 
 def _solve_all(m: torch.Tensor) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ class CAGrad(GradientBalancer):
         self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        gramian = gramian.double()
         t = gramian.shape[0]
         w = self._previous = cagrad_simplex_weights(gramian, self.c, self.iterations, self._previous)
         divisor = 1 + self.c**2 if self.rescale else 1.0

@@ -39,6 +39,7 @@ class NashMTL(GradientBalancer):
         self.steps = 0
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        gramian = gramian.double()
         t = gramian.shape[0]
         if self.alpha is None:
             self.alpha = torch.ones(t, dtype=torch.float64, device=gramian.device)

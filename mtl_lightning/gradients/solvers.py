@@ -16,7 +16,7 @@ system is regularised, so it is never singular. They work in float64.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -37,8 +37,20 @@ def surely(flag: Tensor) -> bool:
     return reading_is_free(flag) and bool(flag.all())
 
 
-def converged(flag: Tensor, iteration: int) -> bool:
-    """Whether a solver may stop after its 0-based ``iteration``: every entry of ``flag`` is True.
+def host_value(value: Tensor) -> Optional[float]:
+    """``value`` (0-dim) as a Python float where reading it is free (CPU); None on accelerators."""
+    return float(value) if reading_is_free(value) else None
+
+
+def all_finite(x: Tensor) -> Tensor:
+    """Whether every entry of ``x`` is finite, as a 0-dim bool tensor: x − x is exactly 0 where x is
+    finite and NaN where it is not (three small ops; ``isfinite(x).all()`` takes five)."""
+    return (x - x == 0).all()
+
+
+def converged(flag: Union[Tensor, bool], iteration: int) -> bool:
+    """Whether a solver may stop after its 0-based ``iteration``: every entry of ``flag`` is True
+    (a Python bool: a value the solver has already read on the host).
 
     On the CPU the flag is read after every iteration. On accelerators reading it synchronises with
     the host, so it is read only after iterations 1, 2, 4, 8, … (one synchronisation each): a
@@ -47,6 +59,8 @@ def converged(flag: Tensor, iteration: int) -> bool:
     would launch every iteration's kernels (T = 16: 10–39 ms of small ops per step, see the README).
     Iterations past convergence do not move the solution, so the answer is the same on every device.
     """
+    if isinstance(flag, bool):
+        return flag
     done = iteration + 1
     if not reading_is_free(flag) and done & (done - 1):
         return False
@@ -64,7 +78,7 @@ def warm_start(previous: Optional[Tensor], default: Tensor) -> Tensor:
     if previous is None or previous.shape != default.shape or previous.device != default.device:
         return default
     previous = previous.to(default.dtype)
-    return torch.where(torch.isfinite(previous).all(), previous, default)
+    return torch.where(all_finite(previous), previous, default)
 
 
 def _face_matrix(hessian: Tensor, f: Tensor, shift: Optional[Tensor] = None) -> Tensor:
@@ -280,10 +294,12 @@ def _cagrad_pair_weights(m: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """The T = 2 case of :func:`cagrad_simplex_weights` in closed form (the official toy minimises the
     same one-dimensional problem with a bounded scalar search).
 
-    With w = (γ, 1−γ): F(γ) = b₂ + βγ + c√(q(γ) + 1e-8), β = b₁ − b₂, q(γ) = Aγ² + 2Bγ + m₂₂ convex.
-    F'(γ) = 0 gives u = Aγ + B = −β√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B². The minimum is
-    the best of γ = 0, 1 and that root. Near a Pareto-stationary point (g_w ≈ 0, where the square
-    root is not smooth) iterative solvers need many steps; this does not.
+    With w = (γ, 1−γ): F(γ) = b₂ + βγ + c√(q(γ) + 1e-8), β = b₁ − b₂, q(γ) = Aγ² + 2Bγ + m₂₂, is convex.
+    Where c²A > β², F'(γ) = 0 at u = Aγ + B = −β√(D/(c²A − β²)), D = A(m₂₂ + 1e-8) − B², and the
+    minimum over [0, 1] is that root clamped. Elsewhere |c ∂√q/∂γ| ≤ c√A ≤ |β|: F is monotone, with
+    its minimum at γ = 1 where β < 0 and at γ = 0 otherwise (F is constant where β = 0). Near a
+    Pareto-stationary point (g_w ≈ 0, where the square root is not smooth) iterative solvers need
+    many steps; this does not.
     """
     m11, m12, _, m22 = m.reshape(-1).unbind()
     b1, b2 = b.unbind()
@@ -291,12 +307,9 @@ def _cagrad_pair_weights(m: Tensor, b: Tensor, c: Tensor) -> Tensor:
     bb = m12 - m22
     beta = b1 - b2
     d = (m22 + 1e-8).mul_(a).addcmul_(bb, bb, value=-1).clamp_min_(0)
-    u = (d / (c * c * a).addcmul_(beta, beta, value=-1)).sqrt_().mul_(beta).neg_()
-    root = torch.nan_to_num((u - bb) / a, nan=0.5, posinf=0.5, neginf=0.5).clamp_(0, 1)
-    gammas = torch.stack([torch.zeros_like(root), torch.ones_like(root), root])
-    q = torch.addcmul(m22, torch.addcmul(2 * bb, a, gammas), gammas).clamp_min_(0)  # Aγ² + 2Bγ + m₂₂
-    objective = torch.addcmul(torch.addcmul(b2, beta, gammas), c, q.add_(1e-8).sqrt_())
-    gamma = gammas[torch.argmin(objective)]
+    room = (c * c * a).addcmul_(beta, beta, value=-1)  # c²A − β²: > 0 iff F has a stationary point
+    u = (d / room).sqrt_().mul_(beta).neg_()
+    gamma = torch.where(room > 0, ((u - bb) / a).clamp_(0, 1), (beta < 0).to(m.dtype))
     return torch.stack([gamma, 1 - gamma])
 
 
@@ -350,7 +363,7 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         pair = _nash_pair_weights(m)
         # One read (a synchronisation on accelerators, as the Newton path's first convergence test
         # would be); opposite or zero gradients, where the closed form is not finite, take Newton.
-        if bool(torch.isfinite(pair).all()):
+        if bool(all_finite(pair)):
             return pair
     w = init.double().clamp_min(1e-8)
     exponent = 1.0 - 1.0 / p
@@ -367,25 +380,31 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         hessian.diagonal().add_(barrier_grad / w, alpha=1.0 / p)  # −φ''(w) = w^(−1/p−1)/p
         delta = torch.linalg.solve_ex(hessian, residual).result  # singular only once diverged (see above)
         decrement_squared = residual @ delta
-        # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
-        longest = (0.99 * (w / delta).masked_fill_(~(delta > 0), torch.inf).min()).clamp_(max=1.0)
-        newton = torch.addcmul(w, longest, delta, value=-1)
+        newton = w - delta
         # Close to the solution (Newton decrement below 0.1) the full step converges quadratically,
-        # while the objective's differences fall below float64 resolution: take it without comparing.
-        close = decrement_squared < 0.01
-        if not surely(close):
-            fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device))
-            candidates = w - (longest * fractions).unsqueeze(-1) * delta
-            values = objective(candidates)
-            best = torch.argmin(values)
-            searched = torch.where(values[best] < objective(w), candidates[best], w)
-            newton = torch.where(close, newton, searched)
+        # while the objective's differences fall below float64 resolution: it is taken without
+        # comparing (shortened to 99% of the way to the boundary where it would end closer to it:
+        # 99(w − δ) < δ). On the CPU the decrement is read once and decides this and the stopping test.
+        decrement = host_value(decrement_squared)
+        if not (decrement is not None and decrement < 0.01 and bool((newton * 99 >= delta).all())):
+            # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
+            longest = (0.99 * (w / delta).masked_fill_(~(delta > 0), torch.inf).min()).clamp_(max=1.0)
+            damped = torch.addcmul(w, longest, delta, value=-1)
+            close = decrement_squared < 0.01
+            if not surely(close):
+                fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device))
+                candidates = w - (longest * fractions).unsqueeze(-1) * delta
+                values = objective(candidates)
+                best = torch.argmin(values)
+                searched = torch.where(values[best] < objective(w), candidates[best], w)
+                damped = torch.where(close, damped, searched)
+            newton = damped
         w = newton
         # Newton converges quadratically: the full step from a decrement below √tol lands within ~tol.
         # (A NaN decrement means the iterates diverged: stop too.)
-        if converged(~(decrement_squared >= tol), iteration):
+        if converged(~(decrement_squared >= tol) if decrement is None else not decrement >= tol, iteration):
             break
-    return torch.where(torch.isfinite(w).all(), w, init.to(w.dtype))
+    return torch.where(all_finite(w), w, init.to(w.dtype))
 
 
 def _nash_pair_weights(m: Tensor) -> Tensor:
