@@ -10,7 +10,7 @@ from torch import Tensor
 from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.engine import combine
-from mtl_lightning.gradients.solvers import reading_is_free
+from mtl_lightning.gradients.solvers import all_finite, reading_is_free
 
 
 class DBMTL(GradientBalancer):
@@ -66,7 +66,7 @@ class DBMTL(GradientBalancer):
         """
         if may_overflow:
             norms = sum(_row_norms(g) for g in log_grads)
-            finite = torch.isfinite(norms).all()
+            finite = all_finite(norms)
             if not reading_is_free(finite):  # neutralise the update instead of synchronising
                 rate = torch.where(finite, torch.full_like(norms[0], 1 - keep), torch.zeros_like(norms[0]))
                 for average, g in zip(self.average, log_grads):

@@ -386,18 +386,18 @@ def power_balance(gramian: Tensor, power: float, init: Tensor, iterations: int =
         # comparing (shortened to 99% of the way to the boundary where it would end closer to it:
         # 99(w − δ) < δ). On the CPU the decrement is read once and decides this and the stopping test.
         decrement = host_value(decrement_squared)
-        if not (decrement is not None and decrement < 0.01 and bool((newton * 99 >= delta).all())):
+        surely_close = decrement is not None and decrement < 0.01
+        if not (surely_close and bool((newton * 99 >= delta).all())):
             # At most 99% of the way to the boundary, then the best of 1, 1/2, …, 1/2¹¹ of that.
             longest = (0.99 * (w / delta).masked_fill_(~(delta > 0), torch.inf).min()).clamp_(max=1.0)
             damped = torch.addcmul(w, longest, delta, value=-1)
-            close = decrement_squared < 0.01
-            if not surely(close):
+            if not surely_close:
                 fractions = torch.pow(0.5, torch.arange(_LINE_SEARCH_STEPS, dtype=w.dtype, device=w.device))
                 candidates = w - (longest * fractions).unsqueeze(-1) * delta
                 values = objective(candidates)
                 best = torch.argmin(values)
                 searched = torch.where(values[best] < objective(w), candidates[best], w)
-                damped = torch.where(close, damped, searched)
+                damped = torch.where(decrement_squared < 0.01, damped, searched)
             newton = damped
         w = newton
         # Newton converges quadratically: the full step from a decrement below √tol lands within ~tol.
