@@ -8,7 +8,8 @@ from mtl_lightning.tasks import ClassificationTask, RegressionTask
 
 
 def test_soft_sharing_regulariser_matches_hand_computation():
-    enc = SoftSharing(torch.nn.Linear(2, 1), ["a", "b"], strength=0.5)
+    enc = SoftSharing(torch.nn.Linear(2, 1), strength=0.5)
+    enc.bind(["a", "b"])
     with torch.no_grad():
         enc.towers["a"].weight.copy_(torch.tensor([[1.0, 2.0]]))
         enc.towers["a"].bias.fill_(0.0)
@@ -23,7 +24,7 @@ def test_soft_sharing_regulariser_matches_hand_computation():
 def test_soft_sharing_strength_pulls_towers_together():
     def tower_distance(strength):
         torch.manual_seed(0)
-        enc = SoftSharing(MLP(10, (16,)), ["y1", "y2"], strength=strength)
+        enc = SoftSharing(MLP(10, (16,)), strength=strength)
         module = MultiTaskModule(
             enc, [RegressionTask("y1"), RegressionTask("y2")], optimizer=lambda p: torch.optim.Adam(p, lr=0.02)
         )
@@ -39,9 +40,9 @@ def test_soft_sharing_strength_pulls_towers_together():
 def test_cross_stitch_starts_near_independent_columns_and_learns():
     torch.manual_seed(0)
     stages = [torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU()), torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())]
-    enc = CrossStitch(stages, ["y1", "y2"], out_features=16)
-    assert torch.allclose(enc.stitches[0], torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    enc = CrossStitch(stages, out_features=16)
     module = MultiTaskModule(enc, [RegressionTask("y1"), RegressionTask("y2")], optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    assert torch.allclose(enc.stitches[0], torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
     data = CorrelatedRegressionDataModule(correlation=0.9, dim=10, num_train=1024, num_val=256, num_test=256)
     before = enc.stitches[0].detach().clone()
     trainer = quiet_trainer(max_epochs=5)

@@ -26,7 +26,7 @@ def test_param_mode_matches_per_loss_autograd(batched):
     expected = flatten_jacobian(task_jacobian(losses, shared, batched=False))
     expected_heads = torch.cat([torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, list(h.parameters()), retain_graph=True)])
                                 for l, h in zip(losses, heads)])
-    blocks, head_list = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "param", batched)
+    blocks, head_list = per_task_gradients(losses, z, shared, [p for h in heads for p in h.parameters()], "param", batched)
     jac, head_grads = flatten_jacobian(blocks), torch.cat([g.reshape(-1) for g in head_list])
     assert jac.shape == (3, sum(p.numel() for p in shared))
     torch.testing.assert_close(jac, expected, rtol=1e-5, atol=1e-7)
@@ -36,7 +36,7 @@ def test_param_mode_matches_per_loss_autograd(batched):
 def test_rep_mode_is_gradient_wrt_representation_and_backward_through_encoder():
     encoder, heads, z, losses = _setup()
     shared = list(encoder.parameters())
-    (block,), _ = per_task_gradients(losses, z, shared, [list(h.parameters()) for h in heads], "rep")
+    (block,), _ = per_task_gradients(losses, z, shared, [p for h in heads for p in h.parameters()], "rep")
     jac = block.reshape(3, -1)
     expected = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].reshape(-1) for l in losses])
     torch.testing.assert_close(jac, expected)
@@ -51,7 +51,7 @@ def test_each_task_backward_touches_only_its_own_head():
     calls = [0] * 4
     for i, h in enumerate(heads):
         h.weight.register_hook(lambda g, i=i: calls.__setitem__(i, calls[i] + 1))
-    per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "param")
+    per_task_gradients(losses, z, list(encoder.parameters()), [p for h in heads for p in h.parameters()], "param")
     assert calls == [1, 1, 1, 1]
 
 
@@ -59,17 +59,17 @@ def test_detached_task_contributes_zero_to_shared_jacobian():
     encoder, heads, z, _ = _setup(num_tasks=2)
     y = torch.zeros(7, dtype=torch.long)
     losses = [nn.functional.cross_entropy(heads[0](z), y), nn.functional.cross_entropy(heads[1](z.detach()), y)]
-    blocks, _ = per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "param")
+    blocks, _ = per_task_gradients(losses, z, list(encoder.parameters()), [p for h in heads for p in h.parameters()], "param")
     jac = flatten_jacobian(blocks)
     assert jac[0].abs().sum() > 0 and jac[1].abs().sum() == 0
 
 
 def test_rep_mode_rejects_per_task_features():
     encoder, heads, z, losses = _setup(num_tasks=2)
-    with pytest.raises(ValueError, match="Representation mode needs the encoder to return one feature tensor"):
-        per_task_gradients(losses[:2], {"a": z, "b": z}, list(encoder.parameters()), [[], []], "rep")
+    with pytest.raises(ValueError, match="Representation mode needs one shared representation"):
+        per_task_gradients(losses[:2], {"a": z, "b": z}, list(encoder.parameters()), [], "rep")
     with pytest.raises(ValueError, match="mode must be 'param' or 'rep'"):
-        per_task_gradients(losses, z, list(encoder.parameters()), [[]] * 3, "params")
+        per_task_gradients(losses, z, list(encoder.parameters()), [], "params")
 
 
 def test_param_mode_with_per_task_features_falls_back_to_direct_jacobian():
@@ -79,7 +79,7 @@ def test_param_mode_with_per_task_features_falls_back_to_direct_jacobian():
     losses = [nn.functional.cross_entropy(heads[0](feats["a"]), y), nn.functional.cross_entropy(heads[1](feats["b"]), y)]
     shared = list(encoder.parameters())
     expected = flatten_jacobian(task_jacobian(losses, shared, batched=False))
-    blocks, _ = per_task_gradients(losses, feats, shared, [list(h.parameters()) for h in heads[:2]], "param")
+    blocks, _ = per_task_gradients(losses, feats, shared, [p for h in heads[:2] for p in h.parameters()], "param")
     torch.testing.assert_close(flatten_jacobian(blocks), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -99,10 +99,10 @@ def _aliased_setup(detach_second: bool = False):
 @pytest.mark.parametrize("detach_second", [False, True])
 def test_one_backward_through_aliases_equals_one_backward_per_task(mode, detach_second):
     encoder, heads, z, _, losses = _aliased_setup(detach_second)  # param mode frees the graph: two copies
-    shared, head_params = list(encoder.parameters()), [list(h.parameters()) for h in heads]
+    shared, head_params = list(encoder.parameters()), [p for h in heads for p in h.parameters()]
     per_task_blocks, per_task_heads = per_task_gradients(losses, z, shared, head_params, mode)
     encoder, heads, z, aliases, losses = _aliased_setup(detach_second)
-    shared, head_params = list(encoder.parameters()), [list(h.parameters()) for h in heads]
+    shared, head_params = list(encoder.parameters()), [p for h in heads for p in h.parameters()]
     blocks, head_grads = per_task_gradients(losses, z, shared, head_params, mode, head_inputs=aliases)
     for got, want in zip([*blocks, *head_grads], [*per_task_blocks, *per_task_heads]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
@@ -115,7 +115,7 @@ def test_aliased_engine_runs_one_backward_through_the_heads():
     calls = [0] * 3
     for i, h in enumerate(heads):
         h.weight.register_hook(lambda g, i=i: calls.__setitem__(i, calls[i] + 1))
-    per_task_gradients(losses, z, list(encoder.parameters()), [list(h.parameters()) for h in heads], "rep",
+    per_task_gradients(losses, z, list(encoder.parameters()), [p for h in heads for p in h.parameters()], "rep",
                        head_inputs=aliases)
     assert calls == [1, 1, 1]
 

@@ -41,13 +41,13 @@ class BalancingContext:
         losses: Mean loss of each task present in the micro-batch (differentiable), in task order.
             A task with no labelled sample in the micro-batch is absent.
         task_names: All task names of the model, in order.
-        features: The encoder's output (shared representation, or a dict per task).
+        features: The shared representation z (or, where the architecture has none, features by task).
         batch: The micro-batch itself (methods that re-evaluate the losses after a step use it).
         global_step: Optimizer steps taken so far.
         epoch: Current epoch.
         is_last_microbatch: True when the optimizer steps after this micro-batch.
-        head_inputs: By task, the tensor its head read: an alias of ``features`` per task (see
-            ``MultiTaskModule.heads_forward``), or None (task-routed batches, frozen encoder).
+        head_inputs: By task, the alias of ``features`` its path read (see
+            ``MultiTaskModule.encode``), or None (task-routed batches, frozen encoder).
     """
 
     losses: dict[str, Tensor]
@@ -74,7 +74,21 @@ class BalancingContext:
         return self._module.named_shared_parameters()
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """Parameters only ``task`` trains: its head and its own architecture parts."""
         return self._module.task_parameters(task)
+
+    def unshared_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter that is not shared by all tasks (heads, task-own, mixing)."""
+        return self._module.unshared_parameters()
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The architecture's last shared layer (GradNorm's W), trainable parameters only."""
+        return [p for p in self._module.architecture.last_shared_layer() if p.requires_grad]
+
+    @property
+    def architecture(self) -> Any:
+        """The model's architecture (to check supported modes and name it in errors)."""
+        return self._module.architecture
 
     def recompute_losses(self) -> dict[str, Tensor]:
         """The task losses on this micro-batch with the current parameters, without gradient."""

@@ -24,7 +24,8 @@ class GradNorm(LossWeighting):
         alpha: α, the restoring-force strength (1.5 in the paper and LibMTL).
         lr: Learning rate of w (default: the model optimizer's).
         shared_layer: Name (relative to the encoder, e.g. ``"project.1"``) of the shared module whose
-            parameters are W; default: the module holding the encoder's last parameter.
+            parameters are W; default: the architecture's last shared layer (the module holding the
+            last parameter shared by all tasks; for mixtures of experts, every expert's last layer).
 
     Example::
 
@@ -46,15 +47,18 @@ class GradNorm(LossWeighting):
         self.weights = self.register_parameters({"weights": nn.Parameter(torch.ones(len(task_names)))})["weights"]
 
     def layer_parameters(self, ctx: BalancingContext) -> list[nn.Parameter]:
-        """W: the parameters of the configured (or last) shared layer."""
+        """W: the parameters of the configured shared layer, or the architecture's last shared layer."""
         named = ctx.named_shared_parameters()
         if not named:
-            raise ValueError("GradNorm needs shared (encoder) parameters; the encoder has no trainable parameter.")
-        layer = self.shared_layer if self.shared_layer is not None else named[-1][0].rpartition(".")[0]
-        chosen = [p for n, p in named if n.rpartition(".")[0] == layer]
+            raise ValueError(
+                f"GradNorm needs parameters shared by all tasks; {type(ctx.architecture).__name__} has none trainable."
+            )
+        if self.shared_layer is None:
+            return ctx.last_shared_layer()
+        chosen = [p for n, p in named if n.rpartition(".")[0] == self.shared_layer]
         if not chosen:
             layers = sorted({n.rpartition(".")[0] for n, _ in named})
-            raise ValueError(f"GradNorm: shared_layer {layer!r} holds no trainable encoder parameter; choose from {layers}.")
+            raise ValueError(f"GradNorm: shared_layer {self.shared_layer!r} holds no trainable shared parameter; choose from {layers}.")
         return chosen
 
     def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:

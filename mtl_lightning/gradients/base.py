@@ -7,7 +7,10 @@ need J itself (GradDrop, DB-MTL) override :meth:`GradientBalancer.aggregate`.
 
 Semantics shared by every method (see the README, "Gradient balancing methods"):
 
-* **Heads** receive their own task's unweighted gradient ∂L_t/∂head_t (as TorchJD and LibMTL).
+* **Shared** means shared by every task, as the model's architecture declares it
+  (``mtl_lightning.architectures``). Heads and the tasks' own architecture parts receive their
+  task's unweighted gradient ∂L_t/∂θ_t (as TorchJD and LibMTL do for heads); mixing parameters
+  (cross-stitch units, gates between tasks) the unweighted sum Σ_t ∂L_t/∂θ.
 * **param mode**: J w.r.t. the shared parameters. Under gradient accumulation J (and the head
   gradients and losses) are averaged over the micro-batches and aggregated once, at the optimizer
   step. Under DDP they are averaged over ranks with one explicit all-reduce first, so every rank
@@ -63,6 +66,20 @@ class GradientBalancer(BalancingMethod):
         self._buffer: Optional[list[Tensor]] = None
         self._last_weights: Optional[Tensor] = None
 
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        arch = pl_module.architecture
+        if self.mode not in arch.supported_modes:
+            raise ValueError(
+                f"{self.name}: mode={self.mode!r} needs a shared representation, which {type(arch).__name__} does not "
+                f"have; it supports mode(s) {list(arch.supported_modes)}."
+            )
+        if not pl_module.shared_parameters():
+            raise ValueError(
+                f"{self.name} arbitrates the parameters shared by all tasks, and {type(arch).__name__} has none "
+                "trainable (each task has its own). Use a loss-weighting method (e.g. EqualWeighting)."
+            )
+
     # -- what a method implements ---------------------------------------------------------------
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """Weights w (T,) of the task gradients from the Gramian of the *unscaled* gradients and the
@@ -96,35 +113,35 @@ class GradientBalancer(BalancingMethod):
         loss_vector = torch.stack(losses).detach().float()
         scaled = [l * scale for l in losses] if scale is not None else losses
         shared = ctx.shared_parameters()
-        heads = [ctx.task_parameters(n) for n in names]
+        unshared = ctx.unshared_parameters()
         with ctx.no_sync():
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
-            jacobian, head_grads = per_task_gradients(scaled, ctx.features, shared, heads, self.mode, self.batched,
-                                                      head_inputs)
+            jacobian, unshared_grads = per_task_gradients(scaled, ctx.features, shared, unshared, self.mode,
+                                                          self.batched, head_inputs)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
-            self._combine(ctx, jacobian, head_grads, loss_vector, scale, shared, heads)
+            self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared)
         last = self._last_weights
         if last is None:
             return {}
         return dict(zip(names, last.detach().float().unbind()))
 
     # -- helpers --------------------------------------------------------------------------------
-    def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], head_grads: list[Tensor], loss_vector: Tensor,
-                 scale: Optional[Tensor], shared: list[nn.Parameter], heads: list[list[nn.Parameter]]) -> None:
-        """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring)."""
-        head_params = [p for h in heads for p in h]
+    def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], unshared_grads: list[Tensor], loss_vector: Tensor,
+                 scale: Optional[Tensor], shared: list[nn.Parameter], unshared: list[nn.Parameter]) -> None:
+        """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring);
+        ``unshared_grads`` are Σ_t ∂L_t/∂θ of the ``unshared`` parameters."""
         if self.mode == "param":
             # J, head gradients and losses are averaged over micro-batches and ranks, then aggregated once.
-            total = self._accumulate(ctx, [*jacobian, *head_grads, loss_vector.to(jacobian[0].dtype)])
+            total = self._accumulate(ctx, [*jacobian, *unshared_grads, loss_vector.to(jacobian[0].dtype)])
             if total is None:
                 return
             n = len(jacobian)
-            jacobian, head_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
+            jacobian, unshared_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
             gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
             direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
             self._write(shared, direction)
-            self._write(head_params, head_grads)
+            self._write(unshared, unshared_grads)
             return
         t = len(ctx.task_names)
         gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
@@ -137,10 +154,10 @@ class GradientBalancer(BalancingMethod):
                 gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
         direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
         shared_grads = representation_backward(ctx.features, shared, direction[0])
-        total = self._accumulate(ctx, [*shared_grads, *head_grads])
+        total = self._accumulate(ctx, [*shared_grads, *unshared_grads])
         if total is not None:
             self._write(shared, total[: len(shared)])
-            self._write(head_params, total[len(shared):])
+            self._write(unshared, total[len(shared):])
 
     def _accumulate(self, ctx: BalancingContext, tensors: list[Tensor]) -> Optional[list[Tensor]]:
         """Sum ``tensors`` over the micro-batches of a step; at its last one return their mean over

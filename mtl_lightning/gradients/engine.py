@@ -9,7 +9,7 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -187,70 +187,78 @@ def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> l
 
 def per_task_gradients(
     losses: Sequence[Tensor],
-    features: Tensor | None,
+    features: Any,
     shared: Sequence[Tensor],
-    heads: Sequence[Sequence[Tensor]],
+    unshared: Sequence[Tensor],
     mode: str = "param",
     batched: bool = True,
     head_inputs: Optional[Sequence[Optional[Tensor]]] = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The per-task Jacobian and every head's gradient of its own loss, in one pass.
+    """The per-task Jacobian w.r.t. the shared parameters and Σ_t ∂L_t/∂θ for every other parameter.
 
-    Each task's loss is differentiated w.r.t. the shared representation ``features`` and its own head
-    (``heads[t]``) only, so task t's backward touches head t alone. With ``head_inputs`` (per task,
-    the alias of ``features`` its head read, see ``MultiTaskModule.heads_forward``) this is **one**
-    backward of Σ_t L_t for all tasks; without, one small backward per task. Then
+    ``shared`` are the parameters every task reaches (the architecture's shared role), ``unshared``
+    the rest: heads, task-own and mixing parameters, which get the unweighted sum of the task
+    gradients (for a head or a task-own part: its own task's gradient). ``features`` is the shared
+    representation z when the architecture has one, else features by task.
 
-    * ``mode="param"``: the T rows ∂L_t/∂z go through the encoder in one batched backward (or a loop of
-      T), giving the Jacobian w.r.t. ``shared``: one ``(T, *p.shape)`` block per shared parameter;
-    * ``mode="rep"``: the Jacobian is ∂L_t/∂z itself, one ``(T, *z.shape)`` block; the encoder is not
-      touched (the caller backpropagates the aggregated direction once, see
+    With z and ``head_inputs`` (per task, the alias of z its path read, see
+    ``MultiTaskModule.encode``) this is **one** backward of Σ_t L_t down to the aliases (and every
+    unshared parameter); without aliases, one small backward per task. Then
+
+    * ``mode="param"``: the T rows ∂L_t/∂z go through the shared parameters in one batched backward
+      (or a loop of T): one ``(T, *p.shape)`` block per shared parameter;
+    * ``mode="rep"``: the Jacobian is ∂L_t/∂z itself, one ``(T, *z.shape)`` block; the shared
+      parameters are not touched (the caller backpropagates the aggregated direction once, see
       :func:`representation_backward`).
 
-    When ``features`` is not a tensor (per-task features) param mode differentiates the losses directly.
-    The blocks are not concatenated (no T×P copy): :func:`flatten_jacobian` gives the T×P matrix.
+    Without a shared representation (features by task) param mode differentiates the stacked losses
+    w.r.t. shared and unshared parameters in one batched backward. The blocks are not concatenated
+    (no T×P copy): :func:`flatten_jacobian` gives the T×P matrix.
 
-    Returns ``(jacobian_blocks, head_gradients)``, the latter ∂L_t/∂(head t parameters), unweighted,
-    for every task's head parameters in order.
+    Returns ``(jacobian_blocks, unshared_gradients)``.
     """
     if mode not in ("param", "rep"):
         raise ValueError(f"mode must be 'param' or 'rep', got {mode!r}.")
-    losses = list(losses)
+    losses, shared, unshared = list(losses), list(shared), list(unshared)
     if not isinstance(features, Tensor):
         if mode == "rep":
             raise ValueError(
-                "Representation mode needs the encoder to return one feature tensor shared by every head; "
-                f"it returned {type(features).__name__}. Use mode='param'."
+                "Representation mode needs one shared representation that every task reads; the model "
+                f"gave {type(features).__name__} (features by task). Use mode='param'."
             )
-        head_grads = [g for l, h in zip(losses, heads)
-                      for g in _zeros_for_none(torch.autograd.grad(l, list(h), retain_graph=True, allow_unused=True), h)]
-        return task_jacobian(losses, shared, batched=batched, retain_graph=False), head_grads
+        blocks = task_jacobian(losses, [*shared, *unshared], batched=batched, retain_graph=False)
+        return blocks[: len(shared)], [b.sum(0) for b in blocks[len(shared):]]
     if head_inputs is not None and len(head_inputs) == len(losses):
-        rows, head_grads = _aliased_head_backward(losses, features, head_inputs, heads)
+        rows, unshared_grads = _aliased_backward(losses, features, head_inputs, unshared)
     else:
-        rows, head_grads = [], []
-        for loss, head in zip(losses, heads):
-            grads = torch.autograd.grad(loss, [features, *head], retain_graph=True, allow_unused=True)
+        rows, unshared_grads = [], None
+        for loss in losses:
+            grads = torch.autograd.grad(loss, [features, *unshared], retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
-            head_grads.extend(_zeros_for_none(grads[1:], head))
+            unshared_grads = _add(unshared_grads, grads[1:])
+        unshared_grads = _zeros_for_none(unshared_grads, unshared)
     cotangents = torch.stack(rows)
     if mode == "rep":
-        return [cotangents], head_grads
-    return _batched_or_looped_vjp(features, list(shared), cotangents, batched), head_grads
+        return [cotangents], unshared_grads
+    return _batched_or_looped_vjp(features, shared, cotangents, batched), unshared_grads
 
 
-def _aliased_head_backward(losses: list[Tensor], features: Tensor, head_inputs: Sequence[Optional[Tensor]],
-                           heads: Sequence[Sequence[Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
-    """Every task's ∂L_t/∂z (through its own alias of z) and its head gradients, from one backward of
-    Σ_t L_t; a task whose head read detached features (no alias with a gradient) gets zeros for z."""
+def _add(total: Optional[list[Optional[Tensor]]], grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    if total is None:
+        return list(grads)
+    return [a if b is None else b if a is None else a + b for a, b in zip(total, grads)]
+
+
+def _aliased_backward(losses: list[Tensor], features: Tensor, head_inputs: Sequence[Optional[Tensor]],
+                      unshared: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Every task's ∂L_t/∂z (through its own alias of z) and Σ_t ∂L_t/∂θ for the unshared
+    parameters, from one backward of Σ_t L_t; a task that read detached features gets zeros for z."""
     aliases = [x for x in head_inputs if x is not None and x.requires_grad]
-    head_params = [p for h in heads for p in h]
-    grads = torch.autograd.grad(losses, [*aliases, *head_params], retain_graph=True,
-                                allow_unused=True)
+    grads = torch.autograd.grad(losses, [*aliases, *unshared], retain_graph=True, allow_unused=True)
     by_alias = iter(grads[: len(aliases)])
     rows = [next(by_alias) if x is not None and x.requires_grad else None for x in head_inputs]
     rows = [torch.zeros_like(features) if g is None else g for g in rows]
-    return rows, _zeros_for_none(grads[len(aliases):], head_params)
+    return rows, _zeros_for_none(grads[len(aliases):], unshared)
 
 
 def representation_backward(features: Tensor, shared: Sequence[Tensor], direction: Tensor) -> list[Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -21,21 +22,25 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mtl_lightning.architectures.base import Architecture, ParameterRoles
+from mtl_lightning.architectures.hard_sharing import HardSharing
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
 from mtl_lightning.balancing.equal import EqualWeighting
 from mtl_lightning.metrics.delta import delta_mtl
 from mtl_lightning.tasks.task import Task, TaskConfigError
 
 _BALANCING_PREFIX = "balancing_parameters."
+_PARAMETER_GROUPS = ("shared", "task", "mixing")
 
 
 class MultiTaskModule(pl.LightningModule):
-    """Hard parameter sharing: ``encoder`` → features → ``heads[task]`` → task outputs.
+    """``encoder`` (an architecture) → features by task → ``heads[task]`` → task outputs.
 
     Args:
-        encoder: Shared encoder, any ``nn.Module``; exposes ``out_features`` unless every task brings
-            its own head. It may return a dict of per-task features and define
-            ``regularization()`` (soft sharing's λR(θ)).
+        encoder: An :class:`~mtl_lightning.architectures.Architecture` (MMoE, MTAN, cross-stitch…),
+            which receives the task names from the model, or any ``nn.Module``: hard parameter
+            sharing. Exposes ``out_features`` unless every task brings its own head. A plain module
+            may return a dict of per-task features and define ``regularization()`` (a λR(θ) term).
         tasks: The tasks (classification, multi-label, regression… side by side).
         optimizer: Optimizer factory (``class_path`` in YAML); learnable balancing weights get their
             own parameter group without weight decay.
@@ -50,6 +55,9 @@ class MultiTaskModule(pl.LightningModule):
             the tasks configured here are loaded when fitting starts (task-specific fine-tuning:
             configure only the task to fine-tune). A resumed run's own checkpoint takes precedence.
         freeze_encoder: Keep the shared encoder fixed (and in eval mode); only heads train.
+        parameter_groups: Optimizer options by parameter role, e.g. ``{"shared": {"lr": 1e-4}}``:
+            ``shared`` (shared by all tasks), ``task`` (heads and task-own architecture parts),
+            ``mixing`` (cross-stitch units, gates); roles not named keep the optimizer's defaults.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class MultiTaskModule(pl.LightningModule):
         input_key: str = "input",
         init_from: Optional[str] = None,
         freeze_encoder: bool = False,
+        parameter_groups: Optional[dict[str, dict[str, Any]]] = None,
     ) -> None:
         super().__init__()
         # Only plain options go into the checkpoint's hyperparameters: objects (encoder, tasks, factories)
@@ -87,7 +96,16 @@ class MultiTaskModule(pl.LightningModule):
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}.")
 
+        unknown_groups = sorted(set(parameter_groups or {}) - set(_PARAMETER_GROUPS))
+        if unknown_groups:
+            raise ValueError(f"parameter_groups: unknown role(s) {unknown_groups}; choose from {list(_PARAMETER_GROUPS)}.")
+
         self.encoder = encoder
+        if isinstance(encoder, Architecture):
+            encoder.bind(names)
+        else:  # a plain module is hard sharing; the view is not registered (state-dict keys stay encoder.*)
+            self.__dict__["_hard_sharing"] = HardSharing(encoder)
+        self._check_roles(names)
         self.tasks: dict[str, Task] = {t.name: t for t in tasks}
         in_features = getattr(encoder, "out_features", None)
         heads = {}
@@ -121,6 +139,7 @@ class MultiTaskModule(pl.LightningModule):
         self.input_key = input_key
         self.init_from = init_from
         self.freeze_encoder = freeze_encoder
+        self.parameter_groups = dict(parameter_groups or {})
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.balancer: BalancingMethod = EqualWeighting()
@@ -130,23 +149,68 @@ class MultiTaskModule(pl.LightningModule):
         self.task_loss_multipliers: dict[str, float] = {}
         #: Tasks whose head trains on detached shared features (no gradient into the encoder).
         self.detached_tasks: set[str] = set()
+        self._spare_features: Any = None
 
     # ------------------------------------------------------------------ structure
     @property
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    @property
+    def architecture(self) -> Architecture:
+        """The sharing architecture: the encoder itself, or hard sharing around a plain module."""
+        return self.encoder if isinstance(self.encoder, Architecture) else self.__dict__["_hard_sharing"]
+
+    def _check_roles(self, task_names: list[str]) -> None:
+        """Every architecture parameter has exactly one role, and task-own parts name known tasks."""
+        arch = self.architecture
+        roles = arch.parameter_roles()
+        names = {id(p): n for n, p in self.encoder.named_parameters()}
+        seen: dict[int, str] = {}
+        declared = [("shared", roles.shared), ("mixing", roles.mixing)]
+        declared += [(f"task-own of '{t}'", ps) for t, ps in roles.task_own.items()]
+        for role, params in declared:
+            for p in params:
+                if id(p) not in names:
+                    raise ValueError(f"{type(arch).__name__} declares a {role} parameter that is not one of its own.")
+                if seen.get(id(p), role) != role:
+                    raise ValueError(f"{type(arch).__name__}: parameter '{names[id(p)]}' is declared both {seen[id(p)]} and {role}.")
+                seen[id(p)] = role
+        unassigned = [n for i, n in names.items() if i not in seen]
+        if unassigned:
+            raise ValueError(f"{type(arch).__name__} declares no role (shared, task-own, mixing) for parameter(s) {unassigned[:8]}.")
+        unknown = sorted(set(roles.task_own) - set(task_names))
+        if unknown:
+            raise ValueError(f"{type(arch).__name__} has task-own parameters for unknown task(s) {unknown}.")
+
+    def parameter_roles(self) -> ParameterRoles:
+        """The architecture's roles, trainable parameters only."""
+        roles = self.architecture.parameter_roles()
+        keep = lambda ps: [p for p in ps if p.requires_grad]  # noqa: E731
+        return ParameterRoles(keep(roles.shared), {t: keep(ps) for t, ps in roles.task_own.items()}, keep(roles.mixing))
+
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters shared by the tasks (the encoder's)."""
-        return [p for p in self.encoder.parameters() if p.requires_grad]
+        """Trainable parameters shared by every task (what gradient methods arbitrate)."""
+        return [p for _, p in self.named_shared_parameters()]
 
     def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of :meth:`shared_parameters`, names relative to the encoder."""
-        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad]
+        shared = {id(p) for p in self.architecture.parameter_roles().shared}
+        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad and id(p) in shared]
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
-        """Trainable parameters of one task's head."""
-        return [p for p in self.heads[task].parameters() if p.requires_grad]
+        """Trainable parameters only ``task`` trains: its head and its own architecture parts."""
+        own = self.architecture.parameter_roles().task_own.get(task, [])
+        return [p for p in [*self.heads[task].parameters(), *own] if p.requires_grad]
+
+    def mixing_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters routing information between tasks (cross-stitch units, gates…)."""
+        return [p for p in self.architecture.parameter_roles().mixing if p.requires_grad]
+
+    def unshared_parameters(self) -> list[nn.Parameter]:
+        """Every trainable model parameter gradient methods do not arbitrate: heads, task-own and
+        mixing parameters (they get the unweighted sum of the task gradients)."""
+        return [p for name in self.tasks for p in self.task_parameters(name)] + self.mixing_parameters()
 
     def register_balancing_parameters(
         self, owner: BalancingMethod, parameters: Mapping[str, nn.Parameter]
@@ -168,7 +232,31 @@ class MultiTaskModule(pl.LightningModule):
     # ------------------------------------------------------------------ forward and losses
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Per-task outputs (raw logits / values) for the input ``x``."""
-        return self.heads_forward(self.encoder(x))
+        return self.heads_forward(self.encode(x)[1])
+
+    def encode(self, x: Tensor, head_inputs: Optional[dict[str, Tensor]] = None) -> tuple[Any, Any]:
+        """(representation, features): the shared representation z handed to balancing methods
+        (features by task where the architecture has none) and what the heads read.
+
+        With ``head_inputs`` (a dict to fill) and an architecture with a shared representation,
+        every task reads z through its own alias (``z.view_as(z)``), stored there by task: the
+        gradient engine then gets each task's ∂L_t/∂z from one backward of Σ_t L_t.
+        """
+        arch = self.architecture
+        if not arch.has_representation:
+            features = arch(x)
+            return features, features
+        z = arch.represent(x)
+        if isinstance(z, Mapping) or isinstance(arch, HardSharing):
+            return z, z  # the heads read z itself; heads_forward makes the aliases
+        alias = head_inputs is not None and z.requires_grad
+        per_task = {}
+        for name in self.tasks:
+            read_from = z.detach() if name in self.detached_tasks else z.view_as(z) if alias else z
+            if head_inputs is not None:
+                head_inputs[name] = read_from
+            per_task[name] = arch.read(read_from, x, name)
+        return z, per_task
 
     def heads_forward(
         self, features: Any, tasks: Optional[Sequence[str]] = None, head_inputs: Optional[dict[str, Tensor]] = None
@@ -240,15 +328,18 @@ class MultiTaskModule(pl.LightningModule):
         each sub-batch separately (shapes may differ) and its features are a dict by task."""
         routed = self.routed_tasks(batch)
         if routed is None:
-            features = self.encoder(self._input(batch))
-            outputs = self.heads_forward(features, head_inputs=head_inputs)
+            features, head_features = self.encode(self._input(batch), head_inputs)
+            outputs = self.heads_forward(head_features, head_inputs=head_inputs)
             targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
         else:
             features, outputs, targets = {}, {}, {}
             for name, sub_batch in routed.items():
-                features[name] = self.encoder(self._input(sub_batch))
-                outputs[name] = self.heads_forward(features[name], [name])[name]
+                head_features = self.encode(self._input(sub_batch))[1]
+                features[name] = head_features[name] if isinstance(head_features, Mapping) else head_features
+                outputs[name] = self.heads_forward(head_features, [name])[name]
                 targets[name] = self.tasks[name].get_target(sub_batch)
+                if stage == "train" and name == next(iter(routed)):
+                    self._spare_features = head_features  # feeds the heads of tasks the batch lacks
         for name in outputs:
             if (stage, name) not in self._checked_stages:
                 self.tasks[name].check_output(outputs[name], targets[name])
@@ -293,22 +384,42 @@ class MultiTaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ lifecycle
     def load_pretrained(self, path: str) -> None:
-        """Load the encoder and this model's task heads from a checkpoint of another run."""
-        state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
-        wanted = {k: v for k, v in state.items() if k.startswith("encoder.")}
-        missing_heads = []
-        for name in self.tasks:
-            head = {k: v for k, v in state.items() if k.startswith(f"heads.{name}.")}
-            wanted.update(head) if head else missing_heads.append(name)
-        result = self.load_state_dict(wanted, strict=False)
-        missing_encoder = [k for k in result.missing_keys if k.startswith("encoder.")]
-        if missing_encoder or not wanted:
-            raise KeyError(
-                f"init_from={path!r}: the checkpoint's encoder does not match this model "
-                f"(missing {missing_encoder[:5] or 'all encoder weights'})."
-            )
-        if missing_heads:
-            rank_zero_info(f"init_from: no head in the checkpoint for task(s) {missing_heads}; they start fresh.")
+        """Load the architecture and this model's task heads from a checkpoint of another run.
+
+        Shared and mixing parameters must all be in the checkpoint; a task's own parts (its head,
+        its gate, tower or attention modules) start fresh when the checkpoint has none for it.
+        """
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # unreadable file, or objects that weights_only refuses to unpickle
+            raise ValueError(f"init_from={path!r}: cannot read it as a checkpoint of weights ({error}).") from None
+        state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, Mapping) else {}
+        own_state = self.state_dict()
+        roles = self.architecture.parameter_roles()
+        names = {id(p): f"encoder.{n}" for n, p in self.encoder.named_parameters()}
+        owner = {names[id(p)]: task for task, params in roles.task_own.items() for p in params}
+        wanted, fresh = {}, set()
+        for key in own_state:
+            if not (key.startswith("encoder.") or key.startswith("heads.")):
+                continue
+            task = key.split(".")[1] if key.startswith("heads.") else owner.get(key)
+            if key not in state:
+                if task is None:
+                    raise KeyError(
+                        f"init_from={path!r}: the checkpoint's encoder does not match this model "
+                        f"(no '{key}'; it has {sorted(k for k in state if k.startswith('encoder.'))[:5] or 'no encoder weights'})."
+                    )
+                fresh.add(task)
+                continue
+            if tuple(state[key].shape) != tuple(own_state[key].shape):
+                raise ValueError(
+                    f"init_from={path!r}: '{key}' has shape {tuple(state[key].shape)} in the checkpoint but "
+                    f"{tuple(own_state[key].shape)} here (an architecture built for other tasks?)."
+                )
+            wanted[key] = state[key]
+        self.load_state_dict(wanted, strict=False)
+        if fresh:
+            rank_zero_info(f"init_from: nothing in the checkpoint for the own parts of task(s) {sorted(fresh)}; they start fresh.")
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from and not getattr(self, "_pretrained_loaded", False):
@@ -363,11 +474,26 @@ class MultiTaskModule(pl.LightningModule):
                     f"does not provide (it provides {sorted(by_task[task.name])})."
                 )
 
-    def configure_optimizers(self) -> Any:
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The model's trainable parameters: one group, or one per role named in ``parameter_groups``."""
         balancing_ids = {id(p) for p in self.balancing_parameters.values()}
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in balancing_ids]}
-        ]
+        model = [p for p in self.parameters() if p.requires_grad and id(p) not in balancing_ids]
+        if not self.parameter_groups:
+            return [{"params": model}]
+        by_role = {"shared": self.shared_parameters(), "mixing": self.mixing_parameters(),
+                   "task": [p for name in self.tasks for p in self.task_parameters(name)]}
+        groups, placed = [], set()
+        for role, options in self.parameter_groups.items():
+            params = by_role[role]
+            if not params:
+                raise ValueError(f"parameter_groups: the {type(self.architecture).__name__} model has no trainable '{role}' parameter.")
+            groups.append({"params": params, **options})
+            placed.update(id(p) for p in params)
+        rest = [p for p in model if id(p) not in placed]
+        return groups + ([{"params": rest}] if rest else [])
+
+    def configure_optimizers(self) -> Any:
+        groups = self._parameter_groups()
         owners = {b.name: b for b in self.trainer.callbacks if isinstance(b, BalancingMethod)}
         for owner_name, keys in self._balancing_groups.items():
             options = dict(getattr(owners.get(owner_name), "parameter_group_options", {}))
@@ -434,7 +560,8 @@ class MultiTaskModule(pl.LightningModule):
         # run on the first sub-batch's features for that purpose.
         unreached = [n for n in self.tasks if n not in outputs]
         if unreached:
-            outputs = {**outputs, **self.heads_forward(next(iter(features.values())), unreached)}
+            spare, self._spare_features = self._spare_features, None
+            outputs = {**outputs, **self.heads_forward(spare, unreached)}
         absent = [outputs[n] for n in self.tasks if n not in losses]
         self._unused_outputs_anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device))
         last = self._is_last_microbatch(batch_idx)
@@ -493,9 +620,43 @@ class MultiTaskModule(pl.LightningModule):
             self.encoder.eval()  # frozen: no dropout, no batch-norm statistics updates
 
     def on_train_epoch_end(self) -> None:
+        self._log_architecture_statistics()
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.lr_scheduler_interval == "epoch":
             self._step_scheduler(scheduler)
+
+    def _log_architecture_statistics(self) -> None:
+        """Log what the architecture accumulated this epoch (averaged over steps and ranks); a T×T
+        matrix (a task-graph adjacency) is also logged per task pair and written as a heatmap."""
+        stats = self.architecture.statistics()
+        if not stats:
+            return
+        keys = sorted(k for k in stats if k != "count")
+        packed = torch.cat([stats["count"].reshape(1).float(), *[stats[k].float().reshape(-1) for k in keys]])
+        if self.trainer.world_size > 1:
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+        count, values = packed[0].clamp_min(1), packed[1:].split([stats[k].numel() for k in keys])
+        names = self.task_names
+        log_dir = self.trainer.log_dir  # broadcasts: every rank asks
+        for key, value in zip(keys, values):
+            mean = (value / count).view(stats[key].shape).cpu()
+            if mean.shape == (len(names), len(names)):
+                for i, a in enumerate(names):
+                    for j, b in enumerate(names):
+                        self.log(f"arch/{key}/{a}/{b}", float(mean[i, j]), rank_zero_only=True)
+                if self.trainer.is_global_zero and log_dir is not None:
+                    self._save_matrix(mean, key, log_dir)
+            else:
+                self.log(f"arch/{key}", float(mean.mean()), rank_zero_only=True)
+
+    def _save_matrix(self, matrix: Tensor, key: str, log_dir: str) -> None:
+        try:
+            from mtl_lightning.monitoring.report import save_heatmap
+            path = os.path.join(log_dir, "architecture", f"{key}_epoch{self.current_epoch}.png")
+            save_heatmap(matrix, self.task_names, f"{type(self.architecture).__name__} {key} (epoch {self.current_epoch})",
+                         path, "task j (read from)", "task i (reads)")
+        except ImportError:  # matplotlib is the optional 'plots' extra
+            pass
 
     def _step_scheduler(self, scheduler: Any) -> None:
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -569,7 +730,7 @@ class MultiTaskModule(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         routed = self.routed_tasks(batch)
         if routed is not None:
-            outputs = {n: self.heads_forward(self.encoder(self._input(b)), [n])[n] for n, b in routed.items()}
+            outputs = {n: self.heads_forward(self.encode(self._input(b))[1], [n])[n] for n, b in routed.items()}
             return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
         x = self._input(batch) if isinstance(batch, Mapping) else batch
         outputs = self(x)

@@ -273,7 +273,10 @@ class NegativeTransferMonitor(Callback):
         if len(names) > MAX_TASKS_EXHAUSTIVE:
             self.notes.append(f"{len(names)} tasks: the recommended grouping is skipped (exhaustive up to {MAX_TASKS_EXHAUSTIVE}).")
         if not pl_module.shared_parameters():
-            raise ValueError("NegativeTransferMonitor: the encoder has no trainable shared parameter; nothing can transfer.")
+            raise ValueError(
+                f"NegativeTransferMonitor: {type(pl_module.architecture).__name__} has no trainable parameter shared "
+                "by all tasks; there is nothing through which tasks could transfer."
+            )
         if self.task_names != names:
             self.task_names = list(names)
             self._reset_state(len(names))
@@ -353,12 +356,12 @@ class NegativeTransferMonitor(Callback):
     def measure(self, trainer: pl.Trainer, module: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """All per-step signals on ``batch``: base losses, Jacobian geometry, lookahead affinity."""
         x = module._input(batch)
-        named = [(n, p) for n, p in module.encoder.named_parameters() if p.requires_grad]
+        named = module.named_shared_parameters()  # what the architecture shares, names relative to the encoder
         params = [p for _, p in named]
         num_tasks = len(self.task_names)
         with _eval_mode(module), trainer.precision_plugin.forward_context():
             with torch.enable_grad():
-                losses, present = self._task_losses(module, batch, module.encoder(x))
+                losses, present = self._task_losses(module, batch, module.encode(x)[1])
                 rows = [i for i in range(num_tasks) if present[i]]
                 per_param = task_jacobian([losses[i] for i in rows], params, batched=self.batched_jacobian, retain_graph=False)
             local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
@@ -386,7 +389,7 @@ class NegativeTransferMonitor(Callback):
                     if i < num_tasks and not stepped_list[i]:
                         continue
                     moved = {n: p.detach() + u[i] for (n, p), u in zip(named, updates)}
-                    features = functional_call(module.encoder, moved, (x,), strict=False)
+                    features = functional_call(module.encoder, moved, (x,), strict=False)  # per-task or shared
                     after, _ = self._task_losses(module, batch, features, present_list)
                     lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=local.device) for l in after])
         both = self._mean_over_ranks(trainer, torch.cat([base_local[None], lookahead]).T, present).T
