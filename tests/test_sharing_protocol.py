@@ -15,7 +15,7 @@ from mtl_lightning.balancing import EqualWeighting, GradNorm
 from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.data import TensorDictDataset
 from mtl_lightning.data.datamodule import collate_batched
-from mtl_lightning.gradients import MGDA, PCGrad
+from mtl_lightning.gradients import MGDA, PCGrad, UPGrad
 from mtl_lightning.gradients.engine import flatten_jacobian, gramian, per_task_gradients
 from mtl_lightning.models import MLP, MultiTaskModule
 from mtl_lightning.monitoring import NegativeTransferMonitor
@@ -257,3 +257,56 @@ def test_task_graph_adjacency_is_logged_and_drawn(tmp_path):
     torch.testing.assert_close(rows.sum(1), torch.ones(3))  # attention rows are distributions
     assert (tmp_path / "lightning_logs" / "version_0" / "architecture" / "adjacency_epoch1.png").exists()
     assert float(module.architecture.adjacency_count) == 0  # reset after each epoch's statistics
+
+
+def _fit(module: MultiTaskModule, data: list, method, ckpt=None, **kwargs) -> torch.Tensor:
+    quiet_trainer(callbacks=[method], limit_val_batches=0, **kwargs).fit(
+        module, torch.utils.data.DataLoader(data, batch_size=None, shuffle=False), ckpt_path=ckpt
+    )
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def SGD(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+@pytest.mark.parametrize("name", ["mmoe", "mtan", "task_graph", "ple"])
+def test_param_mode_accumulation_equals_the_full_batch(name):
+    from gradient_helpers import interleave_halves
+
+    batches = [batch(16, seed=s) for s in range(3)]
+    full = _fit(build(name, optimizer=SGD), batches, UPGrad())
+    accumulated = _fit(build(name, optimizer=SGD, accumulate_grad_batches=2), interleave_halves(batches), UPGrad())
+    torch.testing.assert_close(accumulated, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mmoe", "cgc", "task_graph"])
+def test_rep_mode_under_bf16_autocast_trains(name):
+    module = build(name, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    before = torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+    after = _fit(module, [batch(16, seed=s) for s in range(4)], MGDA(mode="rep"), precision="bf16-mixed")
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+
+
+def test_architecture_with_a_stateful_method_resumes_exactly(tmp_path):
+    batches = [batch(16, seed=s) for s in range(2)]
+    straight = _fit(build("mmoe", optimizer=SGD), batches, PCGrad(), max_epochs=2)
+    first = build("mmoe", optimizer=SGD)
+    trainer = quiet_trainer(callbacks=[PCGrad()], max_epochs=1, limit_val_batches=0)
+    trainer.fit(first, torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed = _fit(build("mmoe", seed=7, optimizer=SGD), batches, PCGrad(), max_epochs=2, ckpt=tmp_path / "one.ckpt")
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)
+
+
+def test_architecture_configs_build_through_the_cli():
+    from pathlib import Path
+
+    from mtl_lightning.cli import MTLCLI
+
+    root = Path(__file__).resolve().parent.parent / "experiments"
+    cli = MTLCLI(args=["--config", str(root / "architectures" / "mmoe.yaml")], run=False)
+    assert isinstance(cli.model.architecture, MMoE) and set(cli.model.architecture.gates) == {"y1", "y2"}
+    cli = MTLCLI(args=["--config", str(root / "multidigits" / "ew.yaml"), "--config",
+                       str(root / "multidigits" / "soft_sharing.yaml")], run=False)
+    assert isinstance(cli.model.architecture, SoftSharing) and set(cli.model.encoder.towers) == {"left", "right"}
