@@ -310,3 +310,33 @@ def test_architecture_configs_build_through_the_cli():
     cli = MTLCLI(args=["--config", str(root / "multidigits" / "ew.yaml"), "--config",
                        str(root / "multidigits" / "soft_sharing.yaml")], run=False)
     assert isinstance(cli.model.architecture, SoftSharing) and set(cli.model.encoder.towers) == {"left", "right"}
+
+
+def _every_method() -> dict:
+    from gradient_helpers import METHODS
+
+    from mtl_lightning import balancing
+
+    loss_methods = {n: getattr(balancing, n) for n in ("EqualWeighting", "UW", "DWA", "RLW", "GLS", "SI", "IMTLL",
+                                                       "STCH", "FAMO", "GradNorm")}
+    return {**METHODS, **loss_methods}
+
+
+@pytest.mark.parametrize("method", list(_every_method()))
+@pytest.mark.parametrize("name", ["mmoe", "mtan", "task_graph"])
+def test_every_balancing_method_trains_every_kind_of_architecture(name, method):
+    factory = _every_method()[method]
+    instance = factory()
+    module = build(name, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    if getattr(instance, "mode", "param") not in module.architecture.supported_modes:
+        with pytest.raises(ValueError, match="supports mode"):
+            _fit(module, [batch(16, seed=s) for s in range(2)], instance)
+        return
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    after = _fit(module, [batch(16, seed=s) for s in range(3)], instance)
+    assert torch.isfinite(after).all()
+    moved = {n for n, p in module.named_parameters() if n in before and not torch.equal(p.detach(), before[n])}
+    names = {id(p): n for n, p in module.named_parameters()}
+    for task in module.task_names:  # every task's own parts and head trained
+        assert {names[id(p)] for p in module.task_parameters(task)} <= moved
+    assert {names[id(p)] for p in module.shared_parameters()} & moved

@@ -27,12 +27,12 @@ def check_roles(module: Any, batch: Mapping[str, Any]) -> dict[str, set[str]]:
             if grad is not None:
                 reached[name].add(task)
     by_id = {id(p): n for n, p in named}
-    roles = module.parameter_roles()
+    roles = module.architecture.parameter_roles()  # the declaration itself
     tasks = set(losses)
     problems: list[str] = []
 
     def expect(params: list, allowed: str, ok: Any) -> None:
-        for p in params:
+        for p in (p for p in params if id(p) in by_id):  # trainable ones
             name = by_id[id(p)]
             if not ok(reached[name]):
                 problems.append(f"{name} is declared {allowed} but is reached by {sorted(reached[name]) or 'no task'}")

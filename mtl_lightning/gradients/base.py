@@ -77,7 +77,7 @@ class GradientBalancer(BalancingMethod):
         if not pl_module.shared_parameters():
             raise ValueError(
                 f"{self.name} arbitrates the parameters shared by all tasks, and {type(arch).__name__} has none "
-                "trainable (each task has its own). Use a loss-weighting method (e.g. EqualWeighting)."
+                "trainable (frozen, or each task has its own). Use a loss-weighting method (e.g. EqualWeighting)."
             )
 
     # -- what a method implements ---------------------------------------------------------------

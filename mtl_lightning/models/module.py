@@ -117,6 +117,11 @@ class MultiTaskModule(pl.LightningModule):
                 )
             heads[task.name] = task.build_head(in_features) if task.head is None else task.head
         self.heads = nn.ModuleDict(heads)
+        # The roles, read once (architectures are fixed once bound); requires_grad is checked per call.
+        self._roles = self.architecture.parameter_roles()
+        shared_ids = {id(p) for p in self._roles.shared}
+        self._named_shared = [(n, p) for n, p in self.encoder.named_parameters() if id(p) in shared_ids]
+        self._task_owned = {name: [*self.heads[name].parameters(), *self._roles.task_own.get(name, [])] for name in self.tasks}
         self.balancing_parameters = nn.ParameterDict()
         self._balancing_groups: dict[str, list[str]] = {}
 
@@ -185,27 +190,25 @@ class MultiTaskModule(pl.LightningModule):
 
     def parameter_roles(self) -> ParameterRoles:
         """The architecture's roles, trainable parameters only."""
-        roles = self.architecture.parameter_roles()
+        roles = self._roles
         keep = lambda ps: [p for p in ps if p.requires_grad]  # noqa: E731
         return ParameterRoles(keep(roles.shared), {t: keep(ps) for t, ps in roles.task_own.items()}, keep(roles.mixing))
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters shared by every task (what gradient methods arbitrate)."""
-        return [p for _, p in self.named_shared_parameters()]
+        return [p for _, p in self._named_shared if p.requires_grad]
 
     def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of :meth:`shared_parameters`, names relative to the encoder."""
-        shared = {id(p) for p in self.architecture.parameter_roles().shared}
-        return [(n, p) for n, p in self.encoder.named_parameters() if p.requires_grad and id(p) in shared]
+        return [(n, p) for n, p in self._named_shared if p.requires_grad]
 
     def task_parameters(self, task: str) -> list[nn.Parameter]:
         """Trainable parameters only ``task`` trains: its head and its own architecture parts."""
-        own = self.architecture.parameter_roles().task_own.get(task, [])
-        return [p for p in [*self.heads[task].parameters(), *own] if p.requires_grad]
+        return [p for p in self._task_owned[task] if p.requires_grad]
 
     def mixing_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters routing information between tasks (cross-stitch units, gates…)."""
-        return [p for p in self.architecture.parameter_roles().mixing if p.requires_grad]
+        return [p for p in self._roles.mixing if p.requires_grad]
 
     def unshared_parameters(self) -> list[nn.Parameter]:
         """Every trainable model parameter gradient methods do not arbitrate: heads, task-own and
