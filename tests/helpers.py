@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,3 +35,19 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def run_ddp_worker(script: str, out: Path) -> dict[str, Any]:
+    """Run ``tests/<script>`` (1 process, then 2 gloo processes) writing into ``out``; return its
+    reference.pt, rank0.pt and rank1.pt."""
+    import torch
+
+    here = Path(__file__).parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent), str(here)]))
+    proc = subprocess.run([sys.executable, str(here / script), str(out), port], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {name: torch.load(out / f"{name}.pt") for name in ("reference", "rank0", "rank1")}

@@ -1,9 +1,5 @@
 """Gradient methods inside Lightning: DDP equivalence, accumulation, resume, fp16 loss scaling, learning."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +10,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from gradient_helpers import (
     METHODS, PARAM_MODE, flat_parameters, interleave_halves, loader, make_batches, make_module, quiet_trainer, train,
 )
+from helpers import run_ddp_worker
 from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.gradients import FairGrad, GradDrop, GradVac, MGDA, NashMTL, PCGrad, DBMTL, IMTLG
 from mtl_lightning.models.encoders import MLP
@@ -28,15 +25,7 @@ pytestmark = pytest.mark.one_thread
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_gradient_worker.py"), str(out), port], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: torch.load(out / f"{name}.pt") for name in ("reference", "rank0", "rank1")}
+    return run_ddp_worker("ddp_gradient_worker.py", tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.slow

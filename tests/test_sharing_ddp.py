@@ -3,32 +3,18 @@ the negative-transfer monitor: the ranks agree, and agree with one process on th
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from ddp_architecture_worker import ARCHITECTURES
+from helpers import run_ddp_worker
 
-HERE = Path(__file__).parent
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_architectures")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
-    proc = subprocess.run([sys.executable, str(HERE / "ddp_architecture_worker.py"), str(out), port], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: torch.load(out / f"{name}.pt") for name in ("reference", "rank0", "rank1")}
+    return run_ddp_worker("ddp_architecture_worker.py", tmp_path_factory.mktemp("ddp_architectures"))
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
