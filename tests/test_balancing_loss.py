@@ -7,6 +7,8 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+
+from mtl_lightning.models.backend import LightningBackend
 from torch import nn
 
 from mtl_lightning import ClassificationTask, MultiTaskModule, RegressionTask
@@ -33,7 +35,8 @@ def attach(method, module: MultiTaskModule) -> MultiTaskModule:
 
 def context(module: MultiTaskModule, losses: dict[str, torch.Tensor], epoch: int = 0, batch=None) -> BalancingContext:
     return BalancingContext(losses=losses, task_names=module.task_names, features=None, batch=batch or {},
-                            global_step=0, epoch=epoch, is_last_microbatch=True, _module=module)
+                            global_step=0, epoch=epoch, is_last_microbatch=True, model=module,
+                            backend=LightningBackend(module))
 
 
 def leaf(*values: float) -> dict[str, torch.Tensor]:
@@ -219,7 +222,7 @@ def test_famo_weights_and_logit_update_after_one_step():
     module = attach(method, make_module())
     losses = leaf(2.0, 1.0)
     ctx = _RecomputedContext(losses=losses, task_names=TASKS, features=None, batch={}, global_step=0, epoch=0,
-                             is_last_microbatch=True, _module=module)
+                             is_last_microbatch=True, model=module, backend=LightningBackend(module))
     total, weights = method.combine(losses, ctx)
     c = 0.5 / 2.0 + 0.5 / 1.0
     assert float(total) == pytest.approx((0.5 * math.log(2.0) + 0.5 * math.log(1.0)) / c, rel=1e-6)
@@ -241,7 +244,7 @@ def test_famo_state_roundtrip_keeps_adam_moments():
     module = attach(method, make_module())
     losses = leaf(2.0, 1.0)
     ctx = _RecomputedContext(losses=losses, task_names=TASKS, features=None, batch={}, global_step=0, epoch=0,
-                             is_last_microbatch=True, _module=module)
+                             is_last_microbatch=True, model=module, backend=LightningBackend(module))
     method.combine(losses, ctx)
     ctx.after = {"a": torch.tensor(1.5), "b": torch.tensor(0.9)}
     method.on_optimizer_step(ctx)

@@ -120,11 +120,11 @@ def test_affinity_against_real_optimizer_steps(reference):
 
     def losses(m):
         with torch.no_grad():
-            return torch.stack(monitor._task_losses(m, batch, m.encoder(m._input(batch)))[0])
+            return torch.stack(list(m.compute_losses(batch, "monitor")[2].values()))
 
     for _ in range(3):  # momentum and second-moment state
         optimizer.zero_grad()
-        sum(monitor._task_losses(model, batch, model.encoder(model._input(batch)))[0]).backward()
+        sum(model.compute_losses(batch)[2].values()).backward()
         optimizer.step()
 
     def stepped_losses(grads):
@@ -135,7 +135,7 @@ def test_affinity_against_real_optimizer_steps(reference):
         opt.step()
         return losses(m)
 
-    task_losses = monitor._task_losses(model, batch, model.encoder(model._input(batch)))[0]
+    task_losses = list(model.compute_losses(batch, "monitor")[2].values())
     task_grads = [torch.autograd.grad(l, shared, retain_graph=True) for l in task_losses]
     reference_losses = stepped_losses([torch.zeros_like(p) for p in shared]) if reference == "zero_gradient" else losses(model)
     expected = torch.stack([1 - stepped_losses(g) / reference_losses for g in task_grads]).double()

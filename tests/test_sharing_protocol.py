@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from mtl_lightning.core import MultiTaskStep
+from mtl_lightning.models.backend import LightningBackend
 from torch import nn
 
 from architecture_zoo import ARCHITECTURES, NO_SHARED, batch, build
@@ -30,10 +33,7 @@ def loader(size: int = 64, batch_size: int = 16) -> torch.utils.data.DataLoader:
 
 
 def context(module: MultiTaskModule, b: dict) -> BalancingContext:
-    head_inputs: dict = {}
-    features, _, losses = module.compute_losses(b, "train", head_inputs)
-    return BalancingContext(losses=losses, task_names=module.task_names, features=features, batch=b, global_step=0,
-                            epoch=0, is_last_microbatch=True, _module=module, head_inputs=head_inputs or None)
+    return MultiTaskStep(module, LightningBackend(module)).context(b, module.training_losses(b), 0, 0, True)
 
 
 @pytest.mark.parametrize("name", ALL)

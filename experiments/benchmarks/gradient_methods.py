@@ -49,7 +49,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mtl_lightning.balancing import BalancingContext, EqualWeighting
+from mtl_lightning.balancing import EqualWeighting
+from mtl_lightning.core import MultiTaskStep, TorchBackend
 from mtl_lightning.gradients import (
     CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
 )
@@ -79,20 +80,9 @@ def build(num_tasks: int, device: str) -> tuple[MultiTaskModule, dict[str, torch
 
 
 def make_step(module: MultiTaskModule, batch: dict[str, torch.Tensor], balancer: object) -> Callable[[], None]:
-    optimizer = module.trainer.optimizers[0]
     balancer.setup(module.trainer, module, "fit")
-
-    def step() -> None:
-        head_inputs: dict[str, torch.Tensor] = {}
-        features, _, losses = module.compute_losses(batch, "train", head_inputs)
-        ctx = BalancingContext(losses=losses, task_names=module.task_names, features=features, batch=batch,
-                               global_step=0, epoch=0, is_last_microbatch=True, _module=module,
-                               head_inputs=head_inputs)
-        balancer.backward(ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    step = MultiTaskStep(module, TorchBackend(module.trainer.optimizers[0]))  # the framework's step, plain loop
+    return lambda: step(batch, balancer)
 
 
 def make_floor(module: MultiTaskModule, batch: dict[str, torch.Tensor]) -> Callable[[], None]:

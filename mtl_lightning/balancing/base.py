@@ -8,7 +8,7 @@ returns the effective weight of each task (logged as ``train/<task>/weight``). A
 step the method gets :meth:`BalancingMethod.on_optimizer_step` (for post-step updates, e.g. FAMO).
 
 Everything a method may touch goes through the context (``ctx.backward``, ``ctx.reduce_mean``,
-``ctx.shared_parameters``…), never through the module's attributes. Learnable weights are
+``ctx.shared_parameters``…; defined in :mod:`mtl_lightning.core`), never through the module's attributes. Learnable weights are
 registered with :meth:`BalancingContext`-independent :meth:`BalancingMethod.register_parameters`
 during ``setup`` so that they live in the module: synchronised by DDP, saved in checkpoints, and
 put in their own optimizer parameter group without weight decay.
@@ -21,7 +21,6 @@ Two families derive from :class:`BalancingMethod`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 import lightning.pytorch as pl
@@ -29,126 +28,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from mtl_lightning.core.context import BalancingContext
+
 if TYPE_CHECKING:
     from mtl_lightning.models.module import MultiTaskModule
-
-
-@dataclass
-class BalancingContext:
-    """What a balancing method sees at one training micro-batch.
-
-    Attributes:
-        losses: Mean loss of each task present in the micro-batch (differentiable), in task order.
-            A task with no labelled sample in the micro-batch is absent.
-        task_names: All task names of the model, in order.
-        features: The shared representation z (or, where the architecture has none, features by task).
-        batch: The micro-batch itself (methods that re-evaluate the losses after a step use it).
-        global_step: Optimizer steps taken so far.
-        epoch: Current epoch.
-        is_last_microbatch: True when the optimizer steps after this micro-batch.
-        head_inputs: By task, the alias of ``features`` its path read (see
-            ``MultiTaskModule.encode``), or None (task-routed batches, frozen encoder).
-    """
-
-    losses: dict[str, Tensor]
-    task_names: list[str]
-    features: Any
-    batch: Mapping[str, Any]
-    global_step: int
-    epoch: int
-    is_last_microbatch: bool
-    _module: "MultiTaskModule" = field(repr=False)
-    head_inputs: Optional[Mapping[str, Tensor]] = None
-
-    # -- gradients ----------------------------------------------------------------------------
-    def backward(self, loss: Tensor) -> None:
-        """Backpropagate ``loss`` into ``.grad`` (handles AMP scaling, accumulation and DDP sync)."""
-        self._module.balanced_backward(loss, sync=self.is_last_microbatch)
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return self._module.shared_parameters()
-
-    def named_shared_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of the shared parameters, names relative to the encoder (e.g. to
-        pick the last shared layer, as GradNorm does)."""
-        return self._module.named_shared_parameters()
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        """Parameters only ``task`` trains: its head and its own architecture parts."""
-        return self._module.task_parameters(task)
-
-    def unshared_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter that is not shared by all tasks (heads, task-own, mixing)."""
-        return self._module.unshared_parameters()
-
-    def last_shared_layer(self) -> list[nn.Parameter]:
-        """The architecture's last shared layer (GradNorm's W), trainable parameters only."""
-        return [p for p in self._module.architecture.last_shared_layer() if p.requires_grad]
-
-    @property
-    def architecture(self) -> Any:
-        """The model's architecture (to check supported modes and name it in errors)."""
-        return self._module.architecture
-
-    def recompute_losses(self) -> dict[str, Tensor]:
-        """The task losses on this micro-batch with the current parameters, without gradient."""
-        with torch.no_grad():
-            return self._module.compute_losses(self.batch)[2]
-
-    @property
-    def accumulate_grad_batches(self) -> int:
-        """Micro-batches per optimizer step (gradients written directly must be divided by it)."""
-        return self._module.accumulate_grad_batches
-
-    @property
-    def loss_scale(self) -> Optional[Tensor]:
-        """The fp16 GradScaler's current scale S as a device tensor, or None without loss scaling.
-
-        Gradients written directly into ``.grad`` must be in scaled space (×S) so that the optimizer
-        step's unscale and inf/NaN skip still work.
-        """
-        scaler = getattr(self._module.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        ref = next(iter(self.losses.values()))
-        # scale() initialises the scaler's scale tensor lazily (needed by its unscale_ in step()).
-        return scaler.scale(torch.ones((), device=ref.device, dtype=torch.float32))
-
-    def no_sync(self) -> Any:
-        """Context manager that keeps DDP from all-reducing gradients during backward passes."""
-        return self._module._sync_context(False)
-
-    # -- distributed --------------------------------------------------------------------------
-    @property
-    def world_size(self) -> int:
-        return self._module.trainer.world_size
-
-    @property
-    def global_rank(self) -> int:
-        return self._module.trainer.global_rank
-
-    def reduce_mean(self, tensor: Tensor) -> Tensor:
-        """Mean of ``tensor`` over all DDP ranks (identity on one process)."""
-        return self._module.reduce_mean(tensor)
-
-    def loss_vector(self, losses: Optional[Mapping[str, Tensor]] = None) -> tuple[Tensor, Tensor]:
-        """Detached losses of all tasks as a (T,) vector averaged over ranks, and a presence mask.
-
-        Tasks absent on every rank get NaN. The result is identical on every rank, so history-based
-        state built from it (DWA, STCH, FAMO…) stays in sync and checkpoints from rank 0 are right.
-        """
-        losses = self.losses if losses is None else losses
-        ref = next(iter(losses.values())) if losses else torch.zeros(())
-        values = torch.zeros(len(self.task_names), device=ref.device, dtype=torch.float32)
-        counts = torch.zeros_like(values)
-        for i, name in enumerate(self.task_names):
-            if name in losses:
-                values[i] = losses[name].detach().float()
-                counts[i] = 1.0
-        summed = self.reduce_mean(torch.stack([values, counts])) * self.world_size
-        present = summed[1] > 0
-        mean = torch.where(present, summed[0] / summed[1].clamp_min(1), torch.full_like(values, float("nan")))
-        return mean, present
 
 
 class BalancingMethod(Callback):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
@@ -58,8 +57,11 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((z ^ (z >> 31)) >> 1)
 
 
-class TaskMixingSampler(Sampler):
+class TaskMixingSampler(DistributedSampler):
     """Yields one :data:`StepPlan` per training step (for this rank).
+
+    It shards by rank itself; being a ``DistributedSampler`` tells Lightning so (Lightning then
+    neither wraps it nor replaces it), but none of ``DistributedSampler``'s own logic is used.
 
     Per epoch it draws, with :func:`epoch_generator`, the task of every step (from the policy) and a
     stream of shuffled passes over each task's dataset. A step that trains task t consumes the next
@@ -204,9 +206,9 @@ class MultiDatasetDataModule(MultiTaskDataModule):
     and test run one loader per task over that task's own data. ``tasks_per_step`` is the policy's
     (``"all"`` or ``"one"``): gradient balancing methods refuse ``"one"``.
 
-    Under DDP the data module shards by rank itself; it switches the Trainer's
-    ``use_distributed_sampler`` off (setting ``trainer.use_distributed_sampler: false`` yourself is
-    equivalent) and gives its evaluation loaders a non-shuffling ``DistributedSampler``.
+    Under DDP the data module shards by rank itself (its training sampler is a
+    ``DistributedSampler`` to Lightning, which therefore leaves it alone) and gives its evaluation
+    loaders a non-shuffling ``DistributedSampler``.
 
     Args:
         policy: A :class:`~mtl_lightning.data.policies.MixingPolicy` (``class_path`` in YAML) or a
@@ -260,12 +262,6 @@ class MultiDatasetDataModule(MultiTaskDataModule):
                 if empty:
                     raise ValueError(f"{type(self).__name__}: task '{task}' has empty split(s) {empty}.")
             self.datasets = datasets
-        trainer = self._trainer_or_none()
-        if trainer is not None and trainer.world_size > 1:
-            connector = trainer._accelerator_connector
-            if connector.use_distributed_sampler:
-                rank_zero_info(f"{type(self).__name__} shards by rank itself: turning use_distributed_sampler off.")
-                connector.use_distributed_sampler = False
 
     @property
     def task_names(self) -> list[str]:

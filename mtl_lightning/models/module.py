@@ -9,7 +9,6 @@ Python pass them to the module), AMP loss scaling, DDP and LR schedulers.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -18,15 +17,17 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from mtl_lightning.architectures.base import Architecture, ParameterRoles
 from mtl_lightning.architectures.hard_sharing import HardSharing
-from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.balancing.base import BalancingMethod
 from mtl_lightning.balancing.equal import EqualWeighting
+from mtl_lightning.core.context import TrainingLosses
+from mtl_lightning.core.step import MultiTaskStep
 from mtl_lightning.metrics.delta import delta_mtl
+from mtl_lightning.models.backend import LightningBackend
 from mtl_lightning.tasks.task import Task, TaskConfigError
 
 _BALANCING_PREFIX = "balancing_parameters."
@@ -140,7 +141,7 @@ class MultiTaskModule(pl.LightningModule):
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.accumulate_grad_batches = accumulate_grad_batches
+        self._step = MultiTaskStep(self, LightningBackend(self), accumulate_grad_batches)
         self.input_key = input_key
         self.init_from = init_from
         self.freeze_encoder = freeze_encoder
@@ -262,7 +263,8 @@ class MultiTaskModule(pl.LightningModule):
         return z, per_task
 
     def heads_forward(
-        self, features: Any, tasks: Optional[Sequence[str]] = None, head_inputs: Optional[dict[str, Tensor]] = None
+        self, features: Any, tasks: Optional[Sequence[str]] = None, head_inputs: Optional[dict[str, Tensor]] = None,
+        interventions: bool = True,
     ) -> dict[str, Tensor]:
         """Outputs of the heads of ``tasks`` (default: every task) on the encoder's ``features``.
 
@@ -284,7 +286,7 @@ class MultiTaskModule(pl.LightningModule):
         if head_inputs is not None and not isinstance(features, Mapping):
             head_inputs.update(per_task)
         return {
-            name: self.heads[name](per_task[name].detach() if name in self.detached_tasks else per_task[name])
+            name: self.heads[name](per_task[name].detach() if interventions and name in self.detached_tasks else per_task[name])
             for name in names
         }
 
@@ -330,16 +332,17 @@ class MultiTaskModule(pl.LightningModule):
         """(features, outputs, targets) of the tasks the batch carries. A task-routed batch encodes
         each sub-batch separately (shapes may differ) and its features are a dict by task."""
         routed = self.routed_tasks(batch)
+        interventions = stage != "monitor"
         if routed is None:
             features, head_features = self.encode(self._input(batch), head_inputs)
-            outputs = self.heads_forward(head_features, head_inputs=head_inputs)
+            outputs = self.heads_forward(head_features, head_inputs=head_inputs, interventions=interventions)
             targets = {name: task.get_target(batch) for name, task in self.tasks.items()}
         else:
             features, outputs, targets = {}, {}, {}
             for name, sub_batch in routed.items():
                 head_features = self.encode(self._input(sub_batch))[1]
                 features[name] = head_features[name] if isinstance(head_features, Mapping) else head_features
-                outputs[name] = self.heads_forward(head_features, [name])[name]
+                outputs[name] = self.heads_forward(head_features, [name], interventions=interventions)[name]
                 targets[name] = self.tasks[name].get_target(sub_batch)
                 if stage == "train" and name == next(iter(routed)):
                     self._spare_features = head_features  # feeds the heads of tasks the batch lacks
@@ -355,6 +358,9 @@ class MultiTaskModule(pl.LightningModule):
         """Encode, run the heads, and compute each task's mean loss over its labelled samples.
 
         ``head_inputs``: a dict to fill with the tensor each head read (see :meth:`heads_forward`).
+        ``stage``: ``"train"`` applies the interventions (loss multipliers, detached tasks);
+        ``"monitor"`` measures each task as it would act (no intervention) and does not check
+        finiteness (a lookahead loss may diverge).
 
         Returns (features, outputs, losses); a task with no labelled sample (or, in a task-routed
         batch, no sub-batch) is absent from losses and outputs.
@@ -371,7 +377,7 @@ class MultiTaskModule(pl.LightningModule):
             for name, factor in self.task_loss_multipliers.items():
                 if name in losses and factor != 1.0:
                     losses[name] = losses[name] * factor
-        if losses and not bool(torch.isfinite(torch.stack([l.detach() for l in losses.values()])).all()):
+        if losses and stage != "monitor" and not bool(torch.isfinite(torch.stack([l.detach() for l in losses.values()])).all()):
             bad = [n for n, l in losses.items() if not math.isfinite(float(l))]
             raise FloatingPointError(
                 f"Non-finite loss for task(s) {bad} at {stage} step {self.global_step} "
@@ -534,28 +540,28 @@ class MultiTaskModule(pl.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
 
-    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
-        strategy = self.trainer.strategy
-        if not sync and isinstance(strategy, ParallelStrategy):
-            return strategy.block_backward_sync()
-        return contextlib.nullcontext()
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """Micro-batches per optimizer step (the training step's)."""
+        return self._step.accumulate_grad_batches
 
-    def balanced_backward(self, loss: Tensor, sync: bool = True) -> None:
-        """Backward of one micro-batch's objective into ``.grad`` (1/accumulate scaling, AMP scaling;
-        DDP gradient sync only when ``sync``)."""
-        loss = loss + self._unused_outputs_anchor
-        with self._sync_context(sync):
-            self.manual_backward(loss / self.accumulate_grad_batches)
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {value}.")
+        self._step.accumulate_grad_batches = int(value)
 
     def _is_last_microbatch(self, batch_idx: int) -> bool:
         return (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def training_losses(self, batch: Mapping[str, Any]) -> TrainingLosses:
+        """The training forward pass of a micro-batch: features, task losses, head aliases and the
+        zero anchor of the outputs of tasks without a loss (see :class:`~mtl_lightning.core.context.TrainingLosses`)."""
         head_inputs: dict[str, Tensor] = {}
         features, outputs, losses = self.compute_losses(batch, "train", head_inputs)
         if not losses:
             raise ValueError(
-                f"Training batch {batch_idx} has no label for any task ({self.task_names}); "
+                f"Training batch at step {self.global_step} has no label for any task ({self.task_names}); "
                 "every training batch needs at least one labelled sample."
             )
         # Outputs of tasks without labels in this batch take part in the graph with weight 0 so
@@ -566,39 +572,19 @@ class MultiTaskModule(pl.LightningModule):
             spare, self._spare_features = self._spare_features, None
             outputs = {**outputs, **self.heads_forward(spare, unreached)}
         absent = [outputs[n] for n in self.tasks if n not in losses]
-        self._unused_outputs_anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device))
-        last = self._is_last_microbatch(batch_idx)
-        reg = self.regularization()
-        if reg is not None:
-            # R(θ) depends on parameters only: its gradient is the same on every rank, no sync needed.
-            self.balanced_backward(reg, sync=False)
-        ctx = BalancingContext(
-            losses=losses,
-            task_names=self.task_names,
-            features=features,
-            batch=batch,
-            global_step=self.global_step,
-            epoch=self.current_epoch,
-            is_last_microbatch=last,
-            _module=self,
-            head_inputs=head_inputs or None,
-        )
-        weights = self.balancer.backward(ctx)
-        if last:
-            optimizer = self.optimizers()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.balancer.on_optimizer_step(ctx)
-            scheduler = self.lr_schedulers()
-            if scheduler is not None and self.lr_scheduler_interval == "step":
-                self._step_scheduler(scheduler)
+        anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device)) if absent else None
+        routed = self.routed_tasks(batch)
+        batch_size = sum(len(self._input(b)) for b in routed.values()) if routed is not None else len(self._input(batch))
+        return TrainingLosses(features, losses, head_inputs or None, anchor, batch_size)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        result = self._step(batch, self.balancer, self.global_step, self.current_epoch, self._is_last_microbatch(batch_idx))
         routed = self.routed_tasks(batch)
         if routed is not None:
             # Mean over the epoch's steps = the realized share of steps that trained each task.
             for name in self.tasks:
                 self.log(f"train/{name}/step_share", float(name in routed), on_step=False, on_epoch=True, batch_size=1)
-        batch_size = sum(len(self._input(b)) for b in routed.values()) if routed is not None else len(self._input(batch))
-        self._log_training(losses, weights, reg, batch_size=batch_size)
+        self._log_training(result.losses, result.weights, result.regularization, batch_size=result.batch_size)
 
     def _log_training(
         self, losses: dict[str, Tensor], weights: dict[str, Tensor], reg: Optional[Tensor], batch_size: int
@@ -626,7 +612,7 @@ class MultiTaskModule(pl.LightningModule):
         self._log_architecture_statistics()
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.lr_scheduler_interval == "epoch":
-            self._step_scheduler(scheduler)
+            self.step_scheduler(scheduler)
 
     def _log_architecture_statistics(self) -> None:
         """Log what the architecture accumulated this epoch (averaged over steps and ranks); a T×T
@@ -661,7 +647,8 @@ class MultiTaskModule(pl.LightningModule):
         except ImportError:  # matplotlib is the optional 'plots' extra
             pass
 
-    def _step_scheduler(self, scheduler: Any) -> None:
+    def step_scheduler(self, scheduler: Any) -> None:
+        """Step an LR scheduler (``ReduceLROnPlateau`` on ``lr_scheduler_monitor``)."""
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             value = self.trainer.callback_metrics.get(self.lr_scheduler_monitor)
             if value is None:

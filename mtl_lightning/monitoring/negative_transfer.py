@@ -37,7 +37,6 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
 from mtl_lightning.monitoring.grouping import MAX_TASKS_EXHAUSTIVE, select_networks
@@ -328,19 +327,12 @@ class NegativeTransferMonitor(Callback):
         pl_module.log_dict(self._scalars(signals), on_step=True, on_epoch=False)
         self._apply_harm_rule(trainer, pl_module)
 
-    def _task_losses(
-        self, module: Any, batch: Mapping[str, Any], features: Any, known_present: Optional[Sequence[bool]] = None
-    ) -> tuple[list[Tensor], Tensor]:
-        """Each task's raw loss (no multiplier, no detach: the task as it would act) and presence.
-        ``known_present`` (from an earlier call on the same batch) skips the label check, a host sync per task."""
-        losses, present = [], []
-        for k, (name, task) in enumerate(module.tasks.items()):
-            target = task.get_target(batch)
-            has_labels = bool(task.valid_mask(target).any()) if known_present is None else known_present[k]
-            present.append(has_labels)
-            feats = features[name] if isinstance(features, Mapping) else features
-            losses.append(task.loss(module.heads[name](feats), target).float() if has_labels else None)
-        return losses, torch.tensor(present)
+    def _task_losses(self, module: Any, batch: Mapping[str, Any], device: torch.device) -> tuple[list[Optional[Tensor]], Tensor]:
+        """Each task's loss through the module's own loss path, as the task would act (no loss
+        multiplier, no detach; any batch layout the module reads), and which tasks are present."""
+        losses = module.compute_losses(batch, "monitor")[2]
+        values = [losses[n].float() if n in losses else None for n in self.task_names]
+        return values, torch.tensor([v is not None for v in values], device=device)
 
     def _mean_over_ranks(self, trainer: pl.Trainer, values: Tensor, present: Tensor) -> Tensor:
         """Mean of ``values`` (rows indexed by task) over the ranks where the task is present;
@@ -355,20 +347,18 @@ class NegativeTransferMonitor(Callback):
 
     def measure(self, trainer: pl.Trainer, module: Any, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """All per-step signals on ``batch``: base losses, Jacobian geometry, lookahead affinity."""
-        x = module._input(batch)
         named = module.named_shared_parameters()  # what the architecture shares, names relative to the encoder
         params = [p for _, p in named]
         num_tasks = len(self.task_names)
+        device = params[0].device
         with _eval_mode(module), trainer.precision_plugin.forward_context():
             with torch.enable_grad():
-                losses, present = self._task_losses(module, batch, module.encode(x)[1])
-                rows = [i for i in range(num_tasks) if present[i]]
+                losses, present = self._task_losses(module, batch, device)
+                rows = [i for i in range(num_tasks) if losses[i] is not None]
                 per_param = task_jacobian([losses[i] for i in rows], params, batched=self.batched_jacobian, retain_graph=False)
-            local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=device, dtype=torch.float32)
             local[rows] = flatten_jacobian(per_param).float()
-            base_local = torch.stack([l.detach() if l is not None else torch.zeros((), device=local.device) for l in losses])
-            present_list = present.tolist()  # still on the host
-            present = present.to(local.device)
+            base_local = torch.stack([l.detach() if l is not None else torch.zeros((), device=device) for l in losses])
             jacobian = self._mean_over_ranks(trainer, local, present)
             stepped = ~jacobian[:, 0].isnan()
             stepped_list = stepped.tolist()  # one host sync
@@ -383,15 +373,21 @@ class NegativeTransferMonitor(Callback):
             if note and note not in self.notes:
                 self.notes.append(note)
                 rank_zero_warn(f"NegativeTransferMonitor: {note}")
-            lookahead = torch.zeros(num_tasks + 1, num_tasks, device=local.device)
+            lookahead = torch.zeros(num_tasks + 1, num_tasks, device=device)
             with torch.no_grad():
-                for i in range(num_tasks + with_reference):
-                    if i < num_tasks and not stepped_list[i]:
-                        continue
-                    moved = {n: p.detach() + u[i] for (n, p), u in zip(named, updates)}
-                    features = functional_call(module.encoder, moved, (x,), strict=False)  # per-task or shared
-                    after, _ = self._task_losses(module, batch, features, present_list)
-                    lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=local.device) for l in after])
+                # θ + Δθ_t in place (the module's own forward and loss path), restored bit for bit after.
+                originals = [p.detach().clone() for p in params]
+                try:
+                    for i in range(num_tasks + with_reference):
+                        if i < num_tasks and not stepped_list[i]:
+                            continue
+                        for p, p0, u in zip(params, originals, updates):
+                            p.copy_(p0 + u[i])
+                        after, _ = self._task_losses(module, batch, device)
+                        lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=device) for l in after])
+                finally:
+                    for p, p0 in zip(params, originals):
+                        p.copy_(p0)
         both = self._mean_over_ranks(trainer, torch.cat([base_local[None], lookahead]).T, present).T
         base, after = both[0], both[1:-1]
         reference = both[-1] if with_reference else base

@@ -2,16 +2,16 @@
 
 Two losses of a point x = (x1, x2) ∈ R² with a Pareto set near x2 ≈ −8.36, x1 ∈ [−7, 7]. Each
 balancing method runs from the papers' start points **through its real callback class**: the point
-is the shared parameter of a :class:`TwoObjectiveModule` (a ``MultiTaskModule``), every step builds a
-:class:`~mtl_lightning.balancing.BalancingContext` and calls ``method.backward(ctx)``, the optimizer
-steps, then ``method.on_optimizer_step(ctx)``. Gradient methods (``needs_all_tasks_per_step``) plug in
+is the shared parameter of a :class:`TwoObjectiveModule` (a ``MultiTaskModule``) and every step is
+the framework's own :class:`~mtl_lightning.core.MultiTaskStep` (context, ``method.backward(ctx)``,
+optimizer step, ``method.on_optimizer_step(ctx)``). Gradient methods (``needs_all_tasks_per_step``) plug in
 unchanged: they see ``ctx.shared_parameters() == [x]`` and run in param mode; GradDrop (rep mode only)
 sees the representation z = x as a batch of one sample. :func:`on_pareto_set` checks end points
 against the analytic Pareto set (:func:`pareto_front`).
 
 Two runners:
 
-* ``direct`` (default): that loop in plain PyTorch, without the Lightning trainer loop (no AMP, no
+* ``direct`` (default): that step over a plain PyTorch backend, without the Lightning trainer loop (no AMP, no
   DDP, no logging: the toy needs none): about 2.5× less per-step overhead (35k EW steps ≈ 40 s on
   one core; ``experiments/toy/benchmark_runners.py`` prints the table).
 * ``lightning``: ``Trainer.fit`` with ``barebones=True``; identical trajectories, for checking.
@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
+from mtl_lightning.balancing.base import BalancingMethod
+from mtl_lightning.core import MultiTaskStep, TorchBackend
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.tasks.task import MetricSpec, Task
@@ -190,7 +191,6 @@ class TwoObjectiveModule(MultiTaskModule):
         tasks = [ToyObjective(name, i, float(s)) for i, (name, s) in enumerate(zip(TASKS, scales))]
         super().__init__(PointEncoder(start), tasks, optimizer=partial(torch.optim.Adam, lr=lr))
         self.offsets = tuple(float(o) for o in offsets)
-        self.direct = False
         self.trajectory: list[Tensor] = []
 
     def compute_losses(
@@ -205,12 +205,6 @@ class TwoObjectiveModule(MultiTaskModule):
         if any(self.offsets):
             losses = {n: l + o for (n, l), o in zip(losses.items(), self.offsets)}
         return z, {n: z for n in TASKS}, losses
-
-    def balanced_backward(self, loss: Tensor, sync: bool = True) -> None:
-        if self.direct:  # outside Trainer.fit: no AMP, accumulation or DDP to handle
-            loss.backward()
-        else:
-            super().balanced_backward(loss, sync)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.trajectory.append(self.encoder.x.detach().clone())
@@ -231,21 +225,12 @@ def _direct_run(module: TwoObjectiveModule, method: BalancingMethod, steps: int,
         enable_checkpointing=False, accelerator="cpu", devices=1,
     )
     module.trainer = trainer
-    module.direct = True
     method.setup(trainer, module, "fit")
     module.setup("fit")
-    optimizer = module.configure_optimizers()
+    step = MultiTaskStep(module, TorchBackend(module.configure_optimizers()))  # no AMP, DDP or accumulation
     batch = {"input": torch.zeros(1, 1)}
-    for step in range(steps):
-        features, _, losses = module.compute_losses(batch)
-        ctx = BalancingContext(
-            losses=losses, task_names=module.task_names, features=features, batch=batch,
-            global_step=step, epoch=step // steps_per_epoch, is_last_microbatch=True, _module=module,
-        )
-        method.backward(ctx)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.on_optimizer_step(ctx)
+    for i in range(steps):
+        step(batch, method, global_step=i, epoch=i // steps_per_epoch)
         module.trajectory.append(module.encoder.x.detach().clone())
 
 
