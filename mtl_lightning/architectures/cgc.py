@@ -28,6 +28,27 @@ class CGC(Architecture):
         num_shared_experts: Experts shared by all tasks.
         num_task_experts: Experts of each task.
         in_features: Width of the flattened input the gates read.
+
+    Examples:
+        Two shared experts and one expert per task:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import CGC, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(CGC(MLP(4, (8,)), num_shared_experts=2, num_task_experts=1, in_features=4),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (4, {'a': 4, 'b': 4}, 0)
+        >>> arch.supported_modes
+        ('param', 'rep')
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     supported_modes = ("param", "rep")

@@ -27,6 +27,29 @@ class CrossStitch(Architecture):
             shape after each stage.
         out_features: Width of the last stage's output (for the default heads).
         self_weight: Initial diagonal of the cross-stitch units.
+
+    Examples:
+        Two stages, one column per task, a 2×2 unit after each stage:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import CrossStitch, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> stages = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.ReLU())]
+        >>> model = MultiTaskModule(CrossStitch(stages, out_features=8),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (8, {}, 2)
+        >>> arch.supported_modes
+        ('param',)
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     def __init__(self, stages: Sequence[nn.Module], out_features: Optional[int] = None, self_weight: float = 0.9) -> None:

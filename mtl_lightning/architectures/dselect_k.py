@@ -83,6 +83,27 @@ class DSelectK(Architecture):
         gating: ``"static"`` or ``"per_example"``.
         in_features: Width of the flattened input (per-example gating).
         entropy_regularization: Weight of the selectors' entropy in R(θ) (static gating).
+
+    Examples:
+        Four shared experts; each task selects two:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import DSelectK, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(DSelectK(MLP(4, (8,)), num_experts=4, k=2),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (8, {'a': 2, 'b': 2}, 0)
+        >>> arch.supported_modes
+        ('param', 'rep')
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     supported_modes = ("param", "rep")

@@ -14,6 +14,27 @@ class HardSharing(Architecture):
 
     A plain ``nn.Module`` given as ``model.encoder`` means this architecture. The encoder may return
     a dict by task (then it has no single shared representation and rep mode is unavailable).
+
+    Examples:
+        One MLP read by two regression heads (a plain ``MLP`` as ``encoder`` is the same):
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import HardSharing, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(HardSharing(MLP(4, (8,))),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (2, {}, 0)
+        >>> arch.supported_modes
+        ('param', 'rep')
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> tuple(arch.represent(x).shape)  # z, read by every head
+        (5, 8)
     """
 
     supported_modes = ("param", "rep")

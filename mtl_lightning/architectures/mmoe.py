@@ -26,6 +26,27 @@ class MMoE(Architecture):
         num_experts: Number of experts.
         in_features: Width of the flattened input the gates read.
         num_gates: ``"per_task"`` gates (MMoE) or one gate for all tasks (``1``: OMoE).
+
+    Examples:
+        Three shared experts, one gate per task:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import MMoE, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(MMoE(MLP(4, (8,)), num_experts=3, in_features=4),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (6, {'a': 2, 'b': 2}, 0)
+        >>> arch.supported_modes
+        ('param', 'rep')
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     supported_modes = ("param", "rep")

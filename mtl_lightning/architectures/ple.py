@@ -32,6 +32,28 @@ class PLE(Architecture):
         num_shared_experts: Shared experts per level.
         num_task_experts: Experts of each task per level.
         in_features: Width of the flattened input (the first level's gates read it).
+
+    Examples:
+        Two levels of two shared experts and one expert per task:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import PLE, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(PLE([MLP(4, (8,)), MLP(8, (8,))], num_shared_experts=2, num_task_experts=1,
+        ...                             in_features=4),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (12, {'a': 6, 'b': 6}, 2)
+        >>> arch.supported_modes
+        ('param',)
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     def __init__(self, experts: Sequence[nn.Module], num_shared_experts: int, num_task_experts: int, in_features: int) -> None:

@@ -29,6 +29,29 @@ class SoftSharing(Architecture):
         encoder: The tower to copy (exposes ``out_features``); copies after the first are re-initialised.
         strength: λ.
         penalty: ``"l2"`` or ``"trace_norm"``.
+
+    Examples:
+        One tower per task and no shared parameter:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import SoftSharing, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(SoftSharing(MLP(4, (8,)), strength=0.1),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (0, {'a': 2, 'b': 2}, 0)
+        >>> arch.supported_modes
+        ('param',)
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
+        >>> float(arch.regularization()) > 0  # λR(θ): the towers start apart
+        True
     """
 
     def __init__(self, encoder: nn.Module, strength: float = 1e-3, penalty: str = "l2") -> None:

@@ -27,6 +27,27 @@ class TaskGraph(Architecture):
         encoder: The shared encoder (exposes ``out_features``).
         width: Token width d (default: the encoder's).
         heads: Attention heads.
+
+    Examples:
+        A shared MLP, then attention between the two task tokens:
+
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import TaskGraph, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(TaskGraph(MLP(4, (8,)), heads=2),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (2, {}, 11)
+        >>> arch.supported_modes
+        ('param', 'rep')
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     supported_modes = ("param", "rep")

@@ -22,10 +22,23 @@ class DWA(LossWeighting):
     Args:
         temperature: τ (2.0 in the official code).
 
-    Example::
+    Examples:
+        The weights from the recorded epoch-mean losses (in training, ``combine`` records them):
 
-        trainer = Trainer(callbacks=[DWA(temperature=2.0)])
-        # mtl-lightning fit --config experiments/multidigits/ew.yaml --trainer.callbacks+=mtl_lightning.balancing.DWA
+        >>> import torch
+        >>> from mtl_lightning.balancing import DWA
+        >>> dwa = DWA(temperature=2.0)
+        >>> both = torch.tensor([True, True])
+        >>> dwa.history.update(0, torch.tensor([1.0, 1.0]), both)  # epoch 0
+        >>> dwa.history.update(1, torch.tensor([0.5, 1.0]), both)  # epoch 1: task a halved its loss
+        >>> dwa.history.update(2, torch.tensor([0.5, 1.0]), both)  # the first step of epoch 2 closes epoch 1
+        >>> [round(w, 4) for w in dwa.task_weights(1, ["a", "b"]).tolist()]  # epochs 0 and 1: λ = 1
+        [1.0, 1.0]
+        >>> [round(w, 4) for w in dwa.task_weights(2, ["a", "b"]).tolist()]  # the slower task b gains
+        [0.8756, 1.1244]
+
+        From the command line:
+        ``mtl-lightning fit --config experiments/multidigits/ew.yaml --trainer.callbacks+=mtl_lightning.balancing.DWA``.
     """
 
     def __init__(self, temperature: float = 2.0) -> None:

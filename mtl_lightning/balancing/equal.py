@@ -11,9 +11,17 @@ from mtl_lightning.balancing.base import BalancingContext, LossWeighting
 class EqualWeighting(LossWeighting):
     """L = Σ_t L_t — summed, not averaged, as in LibMTL and Nash-MTL.
 
-    Example::
+    Examples:
+        On fixed losses (this method reads nothing from the context):
 
-        trainer = Trainer(callbacks=[EqualWeighting()])
+        >>> import torch
+        >>> from mtl_lightning.balancing import EqualWeighting
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+        >>> total, weights = EqualWeighting().combine(losses, ctx=None)
+        >>> float(total), [float(w) for w in weights.values()]
+        (2.5, [1.0, 1.0])
+
+        In training it is the default; ``Trainer(callbacks=[EqualWeighting()])`` makes it explicit.
     """
 
     def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:

@@ -28,9 +28,23 @@ class FAMO(LossWeighting):
         min_losses: L_t* per task name (default 0; tasks not listed get 0). Losses must stay above it.
         epsilon: ε (1e-8 in the official code).
 
-    Example::
+    Examples:
+        Two regression tasks; ξ and its Adam state live in the callback:
 
-        trainer = Trainer(callbacks=[FAMO(gamma=1e-3)])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.balancing import FAMO
+        >>> from mtl_lightning.data import CorrelatedRegressionDataModule
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(MLP(8, (16,)), [RegressionTask("y1"), RegressionTask("y2")])
+        >>> data = CorrelatedRegressionDataModule(dim=8, num_train=256, num_val=64, num_test=64, batch_size=64)
+        >>> famo = FAMO(gamma=1e-3)
+        >>> pl.Trainer(callbacks=[famo], max_epochs=2, barebones=True, accelerator="cpu").fit(model, data)
+        >>> z = famo.task_weights()  # softmax(ξ), from (0.5, 0.5)
+        >>> [round(w, 3) for w in z.tolist()], round(float(z.sum()), 4)
+        ([0.581, 0.419], 1.0)
     """
 
     def __init__(

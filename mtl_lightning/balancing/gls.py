@@ -15,9 +15,15 @@ class GLS(LossWeighting):
     weight of task t is L / (T·L_t): inversely proportional to the task's own loss, so the balance
     does not depend on the losses' scales. Needs positive losses. No hyperparameters.
 
-    Example::
+    Examples:
+        On fixed losses (this method reads nothing from the context):
 
-        trainer = Trainer(callbacks=[GLS()])
+        >>> import torch
+        >>> from mtl_lightning.balancing import GLS
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+        >>> total, weights = GLS().combine(losses, ctx=None)
+        >>> round(float(total), 4), [round(float(w), 4) for w in weights.values()]  # √(2·0.5); L/(T·L_t)
+        (1.0, [0.25, 1.0])
     """
 
     @staticmethod

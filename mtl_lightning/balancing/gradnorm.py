@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, LossWeighting, task_positions
-from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
+from mtl_lightning.core.engine import flatten_jacobian, task_jacobian
 
 
 class GradNorm(LossWeighting):
@@ -27,9 +27,24 @@ class GradNorm(LossWeighting):
             parameters are W; default: the architecture's last shared layer (the module holding the
             last parameter shared by all tasks; for mixtures of experts, every expert's last layer).
 
-    Example::
+    Examples:
+        Two regression tasks; W is the encoder's last linear layer:
 
-        trainer = Trainer(callbacks=[GradNorm(alpha=1.5)])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.balancing import GradNorm
+        >>> from mtl_lightning.data import CorrelatedRegressionDataModule
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(MLP(8, (16,)), [RegressionTask("y1"), RegressionTask("y2")])
+        >>> data = CorrelatedRegressionDataModule(dim=8, num_train=256, num_val=64, num_test=64, batch_size=64)
+        >>> gradnorm = GradNorm(alpha=1.5)
+        >>> pl.Trainer(callbacks=[gradnorm], max_epochs=2, barebones=True, accelerator="cpu").fit(model, data)
+        >>> [round(w, 3) for w in gradnorm.weights.tolist()]
+        [0.992, 1.008]
+        >>> round(float(gradnorm.weights.sum()), 4)  # renormalised to Σ_t w_t = T after every step
+        2.0
     """
 
     def __init__(self, alpha: float = 1.5, lr: Optional[float] = None, shared_layer: Optional[str] = None) -> None:

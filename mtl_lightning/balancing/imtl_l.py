@@ -21,9 +21,23 @@ class IMTLL(LossWeighting):
         init_scale: s_0 (0.0 in the official code).
         lr: Learning rate of s (default: the model optimizer's).
 
-    Example::
+    Examples:
+        Two regression tasks; the scales s live in the model (checkpointed, DDP-synchronised):
 
-        trainer = Trainer(callbacks=[IMTLL()])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.balancing import IMTLL
+        >>> from mtl_lightning.data import CorrelatedRegressionDataModule
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(MLP(8, (16,)), [RegressionTask("y1"), RegressionTask("y2")])
+        >>> data = CorrelatedRegressionDataModule(dim=8, num_train=256, num_val=64, num_test=64, batch_size=64)
+        >>> imtl = IMTLL(lr=0.1)
+        >>> pl.Trainer(callbacks=[imtl], max_epochs=2, barebones=True, accelerator="cpu").fit(model, data)
+        >>> # the weights e^{s_t} move from 1 towards 1/L_t; these losses are below 1
+        >>> [round(w, 3) for w in torch.exp(imtl.log_scale).tolist()]
+        [2.198, 2.157]
     """
 
     def __init__(self, init_scale: float = 0.0, lr: Optional[float] = None) -> None:

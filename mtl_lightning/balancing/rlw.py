@@ -20,9 +20,19 @@ class RLW(LossWeighting):
     Args:
         seed: Seed of the weight generator.
 
-    Example::
+    Examples:
+        On fixed losses (this method reads nothing from the context):
 
-        trainer = Trainer(callbacks=[RLW(seed=0)])
+        >>> import torch
+        >>> from mtl_lightning.balancing import RLW
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+        >>> rlw = RLW(seed=0)
+        >>> _, weights = rlw.combine(losses, ctx=None)
+        >>> [round(float(w), 4) for w in weights.values()]
+        [0.8623, 0.1377]
+        >>> _, weights = rlw.combine(losses, ctx=None)  # a new draw every step
+        >>> [round(float(w), 4) for w in weights.values()]
+        [0.0602, 0.9398]
     """
 
     def __init__(self, seed: int = 0) -> None:

@@ -13,9 +13,15 @@ class SI(LossWeighting):
     arXiv 2202.01017). Multiplying a task's loss by a constant adds a constant to L, so its
     gradient is unchanged: the effective weight of task t is 1 / L_t. Needs positive losses.
 
-    Example::
+    Examples:
+        On fixed losses (this method reads nothing from the context):
 
-        trainer = Trainer(callbacks=[SI()])
+        >>> import torch
+        >>> from mtl_lightning.balancing import SI
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+        >>> total, weights = SI().combine(losses, ctx=None)
+        >>> round(float(total), 4), [float(w) for w in weights.values()]  # log 2 + log 0.5; 1/L_t
+        (0.0, [0.5, 2.0])
     """
 
     def combine(self, losses: dict[str, Tensor], ctx: BalancingContext) -> tuple[Tensor, dict[str, Tensor]]:

@@ -14,6 +14,16 @@ class StaticWeighting(LossWeighting):
     Args:
         weights: α per task name, e.g. ``{"left": 1.0, "right": 0.5}``.
         default: α of tasks not in ``weights``.
+
+    Examples:
+        On fixed losses (this method reads nothing from the context):
+
+        >>> import torch
+        >>> from mtl_lightning.balancing import StaticWeighting
+        >>> losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+        >>> total, weights = StaticWeighting({"b": 4.0}).combine(losses, ctx=None)
+        >>> float(total), [float(w) for w in weights.values()]
+        (4.0, [1.0, 4.0])
     """
 
     def __init__(self, weights: dict[str, float], default: float = 1.0) -> None:

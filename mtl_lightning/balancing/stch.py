@@ -32,9 +32,20 @@ class STCH(LossWeighting):
         mu: Smoothing μ (1.0 in the official code); μ → 0 gives the Tchebycheff maximum.
         warmup_epochs: Index of the last warm-up epoch (4 in the official code).
 
-    Example::
+    Examples:
+        After the warm-up, with nadir ẑ = (2, 0.5) recorded in epoch 0, the task furthest above its
+        nadir (b: L_b/ẑ_b = 2) gets most of the weight:
 
-        trainer = Trainer(callbacks=[STCH(mu=1.0, warmup_epochs=4)])
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> from mtl_lightning.balancing import STCH
+        >>> stch = STCH(mu=1.0, warmup_epochs=0)
+        >>> stch.history.update(0, torch.tensor([2.0, 0.5]), torch.tensor([True, True]))
+        >>> ctx = SimpleNamespace(epoch=1, task_names=["a", "b"])  # all combine reads after the warm-up
+        >>> losses = {"a": torch.tensor(1.0), "b": torch.tensor(1.0)}
+        >>> total, weights = stch.combine(losses, ctx)
+        >>> [round(float(w), 4) for w in weights.values()]
+        [0.4, 1.6]
     """
 
     def __init__(self, mu: float = 1.0, warmup_epochs: int = 4) -> None:

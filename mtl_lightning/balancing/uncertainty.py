@@ -21,10 +21,25 @@ class UW(LossWeighting):
         init_log_variance: s_0. 0.0 follows Nash-MTL's code; LibMTL starts at −0.5.
         lr: Learning rate of s (default: the model optimizer's).
 
-    Example::
+    Examples:
+        Two regression tasks; the log-variances s live in the model (checkpointed, DDP-synchronised):
 
-        trainer = Trainer(callbacks=[UW()])
-        # mtl-lightning fit --config experiments/multidigits/uw.yaml
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.balancing import UW
+        >>> from mtl_lightning.data import CorrelatedRegressionDataModule
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model = MultiTaskModule(MLP(8, (16,)), [RegressionTask("y1"), RegressionTask("y2")])
+        >>> data = CorrelatedRegressionDataModule(dim=8, num_train=256, num_val=64, num_test=64, batch_size=64)
+        >>> uw = UW(lr=0.1)
+        >>> pl.Trainer(callbacks=[uw], max_epochs=2, barebones=True, accelerator="cpu").fit(model, data)
+        >>> # the weights ½e^{−s_t} move from 0.5 towards 1/(2L_t); these losses are below 1
+        >>> [round(w, 3) for w in (0.5 * torch.exp(-uw.log_variance)).tolist()]
+        [1.099, 1.079]
+
+        A ready-made config: ``mtl-lightning fit --config experiments/multidigits/uw.yaml``.
     """
 
     def __init__(self, init_log_variance: float = 0.0, lr: Optional[float] = None) -> None:

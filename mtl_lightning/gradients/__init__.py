@@ -6,7 +6,7 @@ from mtl_lightning.gradients.aligned_mtl import AlignedMTL
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.cagrad import CAGrad
 from mtl_lightning.gradients.db_mtl import DBMTL
-from mtl_lightning.gradients.engine import (
+from mtl_lightning.core.engine import (
     combine,
     flatten_jacobian,
     gramian,

@@ -13,6 +13,21 @@ class AlignedMTL(GradientBalancer):
 
     The aligned gradient system BJ has condition number 1 on its range. tol follows the official code:
     λ_max · T · eps of the gradients' dtype.
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import AlignedMTL
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> M = J @ J.T
+        >>> w = AlignedMTL().weights(M, torch.ones(2))
+        >>> [round(v, 4) for v in w.tolist()]
+        [1.1056, 0.8292]
+        >>> B = AlignedMTL.balance_matrix(M)  # BJ (BJ)ᵀ = λ_min I: orthogonal rows of equal norm
+        >>> torch.allclose(B @ M @ B, torch.linalg.eigvalsh(M).min() * torch.eye(2, dtype=M.dtype))
+        True
     """
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

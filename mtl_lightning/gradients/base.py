@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
-from mtl_lightning.gradients.engine import combine, gramian, per_task_gradients, representation_backward
+from mtl_lightning.core.engine import combine, gramian, per_task_gradients, representation_backward
 
 MODES = ("param", "rep")
 

@@ -19,6 +19,20 @@ class CAGrad(GradientBalancer):
             official NYUv2 runs, 0.5 on the toy).
         rescale: divide d by 1 + c_α² (official ``rescale=1``).
         iterations: budget of Newton steps of the simplex solver (default 2T + 20).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import CAGrad
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> w = CAGrad(c=0.4).weights(J @ J.T, torch.ones(2))
+        >>> [round(v, 4) for v in w.tolist()]
+        [0.6034, 0.431]
+        >>> d, g0 = w @ J, J.mean(0)
+        >>> round(float(((1 + 0.4**2) * d - g0).norm() / g0.norm()), 4)  # on the ball of radius c‖g_0‖
+        0.4
     """
 
     def __init__(self, c: float = 0.4, rescale: bool = True, iterations: Optional[int] = None, mode: Optional[str] = None,

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.gradients.base import GradientBalancer
-from mtl_lightning.gradients.engine import combine
+from mtl_lightning.core.engine import combine
 from mtl_lightning.gradients.solvers import all_finite, reading_is_free
 
 
@@ -24,6 +24,20 @@ class DBMTL(GradientBalancer):
     Args:
         beta: β (official 0.9).
         beta_sigma: σ (official 0).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import DBMTL
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> losses = torch.tensor([2.0, 0.5], dtype=torch.float64)
+        >>> (d,), w = DBMTL().aggregate([J.clone()], None, losses, None, ctx=None)  # reads no context
+        >>> [round(v, 4) for v in w.tolist()]  # ∇log L_t = g_t / L_t, scaled up to the largest norm
+        [5.6569, 1.0]
+        >>> [round(v, 4) for v in d.tolist()]
+        [0.8284, 2.0]
     """
 
     supported_modes = ("param",)

@@ -21,6 +21,20 @@ class FairGrad(GradientBalancer):
         alpha: the fairness degree α (2.0 in the official runs).
         iterations: Newton iterations.
         max_norm: optionally clip the norm of the aggregated gradient (0: off).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import FairGrad
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> M = J @ J.T
+        >>> w = FairGrad(alpha=2.0).weights(M, torch.ones(2))
+        >>> [round(v, 4) for v in w.tolist()]
+        [2.1741, 1.4958]
+        >>> [round(v, 4) for v in (M @ w * w ** 0.5).tolist()]  # M w = w^(−1/α)
+        [1.0, 1.0]
     """
 
     def __init__(self, alpha: float = 2.0, iterations: int = 30, max_norm: float = 0.0, mode: Optional[str] = None,

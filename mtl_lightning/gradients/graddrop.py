@@ -22,6 +22,17 @@ class GradDrop(GradientBalancer):
     Args:
         leak: fraction of every task gradient that always passes (0 in the paper's main runs).
         seed: seed of U (checkpointed).
+
+    Examples:
+        On the two-objective toy (rep mode on z = x, one sample), GradDrop never leaves x = 0, where
+        sign(z) = 0 masks every gradient; from another start it moves:
+
+        >>> from mtl_lightning.gradients import GradDrop
+        >>> from mtl_lightning.toy.two_objective import run_method
+        >>> run_method(GradDrop(seed=0), start=(0.0, 0.0), steps=20, lr=1e-2)[-1].tolist()
+        [0.0, 0.0]
+        >>> [round(v, 2) for v in run_method(GradDrop(seed=0), start=(-8.5, 7.5), steps=20, lr=1e-2)[-1].tolist()]
+        [-8.3, 7.3]
     """
 
     supported_modes = ("rep",)

@@ -18,11 +18,27 @@ class GradVac(GradientBalancer):
     Computed on the Gramian like :class:`PCGrad`, all tasks i at once: the T − 1 partner steps are
     sequential, the tasks are not (at T = 2 each task has one partner: one step, no random order). A
     task whose gradient is zero is never a partner (the formula divides by ‖g_j‖; there is no
-    direction to align with). Targets start at 0 and are checkpointed.
+    direction to align with). Targets start at 0 and are checkpointed. LibMTL updates a target only
+    when it projects; here every pair's target follows φ_ij, as the paper's algorithm does.
 
     Args:
         beta: EMA rate of the similarity targets (LibMTL's default 0.5).
         seed: seed of the random pair order.
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import GradVac
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> gradvac = GradVac(beta=0.5)
+        >>> w = gradvac.weights(J @ J.T, torch.ones(2))  # targets start at 0: PCGrad's projection
+        >>> [round(v, 4) for v in w.tolist()]
+        [2.0, 1.5]
+        >>> w = gradvac.weights(J @ J.T, torch.ones(2))  # targets moved towards cos(g_1, g_2) < 0
+        >>> [round(v, 4) for v in w.tolist()]
+        [1.622, 1.311]
     """
 
     def __init__(self, beta: float = 0.5, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:

@@ -15,6 +15,22 @@ class IMTLG(GradientBalancer):
     Computed from the Gramian: g_a·u_b = M_ab/‖g_b‖. Scale-dependent: sees unscaled gradients under fp16.
     Where the tasks' gradients are linearly dependent (DUᵀ singular) α_{2:T} is the minimum-norm
     solution: e.g. α = (1, 0) for two identical gradients, whose direction g_1 every solution shares.
+    The pseudo-inverse is taken where the LU solve reports a singular system, on every device
+    (LibMTL's ``torch.inverse`` fails there).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import IMTLG
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> w = IMTLG().weights(J @ J.T, torch.ones(2))
+        >>> [round(v, 4) for v in w.tolist()]
+        [0.5858, 0.4142]
+        >>> units = J / J.norm(dim=1, keepdim=True)
+        >>> [round(v, 4) for v in (units @ (w @ J)).tolist()]  # equal projections on u_1 and u_2
+        [0.1716, 0.1716]
     """
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

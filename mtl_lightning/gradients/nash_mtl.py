@@ -19,10 +19,34 @@ class NashMTL(GradientBalancer):
     the weights are recomputed every that many optimizer steps and reused in between (official
     ``update_weights_every``).
 
+    T = 2 is solved in closed form: α_1 = √(‖g_2‖ / (‖g_1‖(‖g_1‖‖g_2‖ + g_1·g_2))), and
+    symmetrically α_2.
+    Exactly opposite gradients (a Pareto-stationary point) have no positive solution: the iterations
+    then grow α along the direction where Σ α_t g_t = 0, so the update is ≈ 0 (the official code
+    keeps the previous α when cvxpy fails). In rep mode ``max_norm`` clips the norm of the
+    representation gradient.
+
     Args:
         max_norm: clip the norm of the aggregated shared gradient to this (official 1.0; 0: off).
         iterations: Newton iterations.
         update_every: recompute α every this many steps.
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import NashMTL
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> M = J @ J.T
+        >>> a = NashMTL(max_norm=0.0).weights(M, torch.ones(2))  # no clipping: the bargaining solution
+        >>> [round(v, 4) for v in a.tolist()]
+        [3.0055, 2.1252]
+        >>> [round(v, 4) for v in ((M / M.norm()) @ a * a).tolist()]  # M̃α = 1/α
+        [1.0, 1.0]
+        >>> w = NashMTL(max_norm=1.0).weights(M, torch.ones(2))  # the default clips ‖d‖ to 1
+        >>> round(float((w @ J).norm()), 4)
+        1.0
     """
 
     def __init__(self, max_norm: float = 1.0, iterations: int = 20, update_every: int = 1,

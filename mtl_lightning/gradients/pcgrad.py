@@ -15,7 +15,22 @@ class PCGrad(GradientBalancer):
 
     Computed on the Gramian: g_i^PC = Σ_k C_ik g_k, so every dot product is a row of C M and the
     update is d = Jᵀ(Σ_i C_i) — identical to the vector form, without touching the T×P Jacobian.
-    The random orders come from a checkpointed generator (``seed``), identical on every DDP rank.
+    The random orders come from a checkpointed generator (``seed``), identical on every DDP rank;
+    each order includes i itself, as in the official code (a no-op: g_i^PC·g_i is never negative).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import PCGrad
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> w = PCGrad(seed=0).weights(J @ J.T, torch.ones(2))
+        >>> [round(v, 4) for v in w.tolist()]
+        [2.0, 1.5]
+        >>> d = w @ J  # (g_1 − (g_1·g_2/‖g_2‖²) g_2) + (g_2 − (g_2·g_1/‖g_1‖²) g_1)
+        >>> [round(v, 4) for v in d.tolist()], [round(v, 4) for v in (J @ d).tolist()]
+        ([0.5, 1.5], [0.5, 1.0])
     """
 
     def __init__(self, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:

@@ -18,8 +18,22 @@ class UPGrad(GradientBalancer):
     with ``reg_eps``·I; projection i is Jᵀv_i with v_i = argmin vᵀMv s.t. v ≥ e_i; weights = mean_i v_i.
 
     Args:
-        norm_eps, reg_eps: TorchJD's defaults 1e-4.
+        norm_eps: Trace below which the Gramian counts as zero (TorchJD's default 1e-4).
+        reg_eps: Regularisation ``reg_eps``·I added to the normalised Gramian (TorchJD's default 1e-4).
         iterations: budget of active-set steps of the T box-constrained QPs (default 2T + 4).
+
+    Examples:
+        Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): the weights come from their
+        Gramian M = JJᵀ (float64, as in training).
+
+        >>> import torch
+        >>> from mtl_lightning.gradients import UPGrad
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+        >>> w = UPGrad().weights(J @ J.T, torch.ones(2))
+        >>> [round(v, 3) for v in w.tolist()]
+        [1.0, 0.75]
+        >>> bool((J @ (w @ J) >= 0).all())  # no task's loss increases to first order
+        True
     """
 
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: Optional[int] = None,

@@ -1,6 +1,6 @@
 """Δ_MTL: the relative performance of a multi-task model against single-task baselines.
 
-Two conventions are in use (``REFERENCE.md`` §3):
+Two conventions are in use:
 
 * Maninis et al. 2019 (arXiv 1904.08492): Δ_MTL = (1/T) Σ_t (1/M_t) Σ_m (−1)^{l_m} (M_mtl − M_stl)/M_stl × 100,
   l_m = 1 when lower is better. Tasks are averaged after their metrics; **higher is better**.
