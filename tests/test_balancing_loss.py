@@ -383,7 +383,7 @@ def test_every_method_trains_under_bf16_with_accumulation_and_logs_weights(metho
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             weights.append([float(trainer.callback_metrics[f"train/{t}/weight"]) for t in TASKS])
 
-    trainer = pl.Trainer(callbacks=[method, Probe()], max_epochs=3, precision="bf16-mixed", logger=False,
+    trainer = pl.Trainer(callbacks=[method, Probe()], max_epochs=3, precision="bf16-mixed", logger=False, log_every_n_steps=1,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, loader)

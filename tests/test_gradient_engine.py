@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mtl_lightning.gradients import combine, gramian, per_task_gradients, representation_backward, task_jacobian
-from mtl_lightning.gradients.engine import flatten_jacobian
+from mtl_lightning.core.engine import flatten_jacobian
 
 
 def _setup(num_tasks=3, seed=0):

@@ -1,4 +1,4 @@
-"""Mixing policies: realized task frequencies match each policy's formula (REFERENCE.md §4),
+"""Mixing policies: realized task frequencies match each policy's formula (see mtl_lightning.data.policies),
 deterministic schedules are followed exactly, bad options raise clear errors."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.data import TensorDictDataset
 from mtl_lightning.data.datamodule import collate_batched
 from mtl_lightning.gradients import MGDA, PCGrad, UPGrad
-from mtl_lightning.gradients.engine import flatten_jacobian, gramian, per_task_gradients
+from mtl_lightning.core.engine import flatten_jacobian, gramian, per_task_gradients
 from mtl_lightning.models import MLP, MultiTaskModule
 from mtl_lightning.monitoring import NegativeTransferMonitor
 from mtl_lightning.tasks import RegressionTask

@@ -82,9 +82,18 @@ class EpochLoss(pl.Callback):
     def __init__(self) -> None:
         self.curve: list[float] = []
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    # The module logs its epoch means in its own on_train_epoch_end, after the callbacks' hook: read
+    # them when the next epoch starts and when training ends.
+    def _record(self, trainer: pl.Trainer) -> None:
         metrics = trainer.callback_metrics
-        self.curve.append(sum(float(metrics[f"train/{t}/loss_epoch"]) for t in TASKS) / len(TASKS))
+        if f"train/{TASKS[0]}/loss_epoch" in metrics and trainer.current_epoch > len(self.curve):
+            self.curve.append(sum(float(metrics[f"train/{t}/loss_epoch"]) for t in TASKS) / len(TASKS))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
 
 
 def run_one(model: str, correlation: float, seed: int, epochs: int, num_train: int, num_test: int,

@@ -61,6 +61,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
     """
 
     tasks_per_step = "all"
+    #: How a training batch is laid out: ``"shared"`` (one dict, every task's label beside the
+    #: input) or ``"routed"`` (``{task: sub_batch}``, one dataset per task). The model reads it.
+    batch_layout: str = "shared"
+    #: Key of the model input in every batch (and sub-batch); the model's ``input_key`` must match.
+    input_key: str = "input"
 
     def __init__(self, batch_size: int = 128, eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
@@ -87,7 +92,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
         keys = getattr(dataset, "keys", None)
         if keys is None:
             keys = set(dataset[0])
-        return set(keys) - {"input"}
+        return set(keys) - {self.input_key}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

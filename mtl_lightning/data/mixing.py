@@ -242,6 +242,10 @@ class MultiDatasetDataModule(MultiTaskDataModule):
         self._progress = {"seed": seed, "epoch": 0, "position": 0}
 
     @property
+    def batch_layout(self) -> str:  # type: ignore[override]
+        return "routed"
+
+    @property
     def tasks_per_step(self) -> str:  # type: ignore[override]
         return self.policy.tasks_per_step
 
@@ -276,7 +280,7 @@ class MultiDatasetDataModule(MultiTaskDataModule):
         for task, splits in self.datasets.items():
             dataset = splits["train"]
             keys = getattr(dataset, "keys", None)
-            out[task] = set(keys if keys is not None else dataset[0]) - {"input"}
+            out[task] = set(keys if keys is not None else dataset[0]) - {self.input_key}
         return out
 
     @property

@@ -3,7 +3,8 @@
 Built from scikit-learn's bundled ``load_digits`` (1797 images, 8×8, values 0–16), so nothing is
 downloaded. Single digits are split into train/val/test first and pairs are formed within each
 split: digit a at canvas[0:8, 0:8], digit b at canvas[4:12, 4:12] of a 12×12 canvas, combined by
-max (``REFERENCE.md`` §5). Tasks: ``left`` and ``right`` digit (10 classes each).
+max (the MultiMNIST construction of Sabour et al., NeurIPS 2017, as used by Sener & Koltun, NeurIPS
+2018, at digit scale). Tasks: ``left`` and ``right`` digit (10 classes each).
 
 Optional auxiliary tasks (``aux_tasks``):
 

@@ -1,4 +1,8 @@
-"""Task-mixing policies: which task(s) a training step draws its batch from (``REFERENCE.md`` §4).
+"""Task-mixing policies: which task(s) a training step draws its batch from.
+
+Proportional and temperature sampling follow Arivazhagan et al. (2019, arXiv 1907.05019) and
+T5 (Raffel et al., JMLR 2020); annealed sampling follows Stickland & Murray (ICML 2019); the
+all-tasks modes are Lightning's ``CombinedLoader`` modes.
 
 Two kinds:
 

@@ -1,6 +1,6 @@
 """The correlated synthetic regression benchmark of MMoE (Ma et al., KDD 2018).
 
-Two regression tasks whose correlation is set by ``p`` (``REFERENCE.md`` §5): orthogonal unit
+Two regression tasks whose correlation is set by ``p`` (the paper's Section 3.2): orthogonal unit
 vectors u_1, u_2 in R^d; w_1 = c·u_1, w_2 = c(p·u_1 + √(1−p²)·u_2); x ~ N(0, I);
 y_k = w_kᵀx + Σ_{i=1}^m sin(α_i w_kᵀx + β_i) + ε, ε ~ N(0, 0.01), α_i, β_i ~ N(0, 1) shared.
 Shared-bottom models degrade as p falls; that is what it is for.

@@ -156,6 +156,8 @@ class MultiTaskModule(pl.LightningModule):
         #: Tasks whose head trains on detached shared features (no gradient into the encoder).
         self.detached_tasks: set[str] = set()
         self._spare_features: Any = None
+        self._batch_layout: Optional[str] = None  # declared by the data module at setup
+        self._epoch_sums: dict[str, list[Any]] = {}  # key -> [Σ value × batch size, Σ batch size] this epoch
 
     # ------------------------------------------------------------------ structure
     @property
@@ -306,17 +308,24 @@ class MultiTaskModule(pl.LightningModule):
         if not isinstance(batch, Mapping):
             raise TypeError(f"Batches must be dicts with an '{self.input_key}' key and one label key per task, got {type(batch).__name__}.")
         if self.input_key not in batch:
-            raise KeyError(f"The batch has no input key '{self.input_key}' (keys: {sorted(batch)}); set model.input_key.")
+            nested = [k for k, v in batch.items() if isinstance(v, Mapping)]
+            hint = (f" The batch looks task-routed ({{task: sub_batch}}, keys {nested}) but its sub-batches are not "
+                    "named after the model's tasks." if nested else " Set model.input_key to the batch's input key.")
+            raise KeyError(f"The batch has no input key '{self.input_key}' (keys: {sorted(batch)}).{hint}")
         return batch[self.input_key]
 
     def routed_tasks(self, batch: Any) -> Optional[dict[str, Mapping[str, Any]]]:
         """The sub-batches of a task-routed batch ``{task_name: sub_batch}``, or None for a
         single-dataset batch (``{input_key: …, label_key: …}`` shared by every task).
 
-        A batch is task-routed when every value is itself a dict; each key must then be a task name
-        and each sub-batch holds that task's input and label (multi-dataset mixing).
+        The layout is the data module's ``batch_layout`` (``"shared"`` or ``"routed"``); without a
+        data module (plain loaders) a batch is task-routed when every value is itself a dict. Each
+        key of a routed batch must be a task name; each sub-batch holds that task's input and label.
         """
-        if not isinstance(batch, Mapping) or not batch or not all(isinstance(v, Mapping) for v in batch.values()):
+        layout = self._batch_layout
+        if layout == "shared" or not isinstance(batch, Mapping) or not batch:
+            return None
+        if layout is None and not all(isinstance(v, Mapping) for v in batch.values()):
             return None
         unknown = sorted(set(batch) - set(self.tasks))
         if unknown:
@@ -435,6 +444,7 @@ class MultiTaskModule(pl.LightningModule):
             self.load_pretrained(self.init_from)
             self._pretrained_loaded = True
         datamodule = getattr(self.trainer, "datamodule", None)
+        self._check_data_contract(datamodule)
         by_task = getattr(datamodule, "label_keys_by_task", None)
         available = None if by_task is not None else getattr(datamodule, "label_keys", None)
         if by_task is not None:
@@ -463,6 +473,19 @@ class MultiTaskModule(pl.LightningModule):
                 f"{self.balancer.name} needs the loss of every task at every step (it combines per-task "
                 f"gradients of the same step), but the data module draws {per_step!r} task(s) per step. "
                 "Use an all-tasks-per-step mixing policy or a loss-weighting method."
+            )
+
+    def _check_data_contract(self, datamodule: Any) -> None:
+        """Adopt the data module's declared batch layout; its input key must be the model's."""
+        layout = getattr(datamodule, "batch_layout", None)
+        if layout not in (None, "shared", "routed"):
+            raise ValueError(f"{type(datamodule).__name__}.batch_layout must be 'shared' or 'routed', got {layout!r}.")
+        self._batch_layout = layout
+        key = getattr(datamodule, "input_key", None)
+        if key is not None and key != self.input_key:
+            raise TaskConfigError(
+                f"{type(datamodule).__name__} puts the model input under '{key}', but model.input_key is "
+                f"'{self.input_key}'; set model.input_key: {key} (or the data module's input_key)."
             )
 
     def _check_task_datasets(self, datamodule: Any, by_task: Mapping[str, set[str]]) -> None:
@@ -579,25 +602,47 @@ class MultiTaskModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         result = self._step(batch, self.balancer, self.global_step, self.current_epoch, self._is_last_microbatch(batch_idx))
-        routed = self.routed_tasks(batch)
+        self._log_training(result, self.routed_tasks(batch))
+
+    def _is_logging_step(self) -> bool:
+        """Whether the loggers write this training batch (Lightning's ``log_every_n_steps`` rule)."""
+        trainer = self.trainer
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
+
+    def _log_training(self, result: Any, routed: Optional[Mapping[str, Any]]) -> None:
+        """Step values (``train/<task>/loss_step``, ``…/weight``, ``train/loss_step``) at the steps the
+        loggers write; epoch means (``…_epoch``, ``train/<task>/step_share``) from running sums,
+        logged at the epoch's end (one ``self.log`` per key per epoch instead of per step)."""
+        sums, size = self._epoch_sums, float(result.batch_size)
+        detached = {name: loss.detach() for name, loss in result.losses.items()}
+        total = sum(detached.values())
+        entries = [(f"train/{name}/loss", value, size) for name, value in detached.items()] + [("train/loss", total, size)]
+        if result.regularization is not None:
+            entries.append(("train/regularization", result.regularization.detach(), size))
+        for key, value, weight in entries:
+            acc = sums.get(key)
+            sums[key] = [value.float() * weight, weight] if acc is None else [acc[0] + value.float() * weight, acc[1] + weight]
         if routed is not None:
             # Mean over the epoch's steps = the realized share of steps that trained each task.
             for name in self.tasks:
-                self.log(f"train/{name}/step_share", float(name in routed), on_step=False, on_epoch=True, batch_size=1)
-        self._log_training(result.losses, result.weights, result.regularization, batch_size=result.batch_size)
-
-    def _log_training(
-        self, losses: dict[str, Tensor], weights: dict[str, Tensor], reg: Optional[Tensor], batch_size: int
-    ) -> None:
-        total = torch.zeros((), device=self.device)
-        for name, loss in losses.items():
-            self.log(f"train/{name}/loss", loss.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
-            total = total + loss.detach()
-        for name, weight in weights.items():
+                acc = sums.setdefault(f"train/{name}/step_share", [0.0, 0.0])
+                acc[0] += float(name in routed)
+                acc[1] += 1.0
+        if not self._is_logging_step():
+            return
+        for key, value, _ in entries:
+            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=key == "train/loss")
+        for name, weight in result.weights.items():
             self.log(f"train/{name}/weight", torch.as_tensor(weight, dtype=torch.float32).detach(), on_step=True, on_epoch=False)
-        if reg is not None:
-            self.log("train/regularization", reg.detach(), on_step=True, on_epoch=True, batch_size=batch_size)
-        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size)
+
+    def _log_epoch_means(self) -> None:
+        sums, self._epoch_sums = self._epoch_sums, {}
+        for key, (total, weight) in sums.items():
+            name = key if key.endswith("step_share") else f"{key}_epoch"
+            self.log(name, total / weight, on_step=False, on_epoch=True, prog_bar=key == "train/loss")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Runs after AMP unscaling, so the clip threshold applies to true gradients.
@@ -605,10 +650,12 @@ class MultiTaskModule(pl.LightningModule):
             self.clip_gradients(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
 
     def on_train_epoch_start(self) -> None:
+        self._epoch_sums = {}
         if self.freeze_encoder:
             self.encoder.eval()  # frozen: no dropout, no batch-norm statistics updates
 
     def on_train_epoch_end(self) -> None:
+        self._log_epoch_means()
         self._log_architecture_statistics()
         scheduler = self.lr_schedulers()
         if scheduler is not None and self.lr_scheduler_interval == "epoch":

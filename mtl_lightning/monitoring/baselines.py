@@ -17,7 +17,6 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from mtl_lightning.cli import MTLCLI
 
 _MONITOR = "mtl_lightning.monitoring.negative_transfer.NegativeTransferMonitor"
 
@@ -78,6 +77,8 @@ def train_single_task_baselines(
     unknown = sorted(set(chosen) - set(all_tasks))
     if unknown:
         raise ValueError(f"--tasks names unknown task(s) {unknown}; the config's tasks are {all_tasks}.")
+    from mtl_lightning.cli import MTLCLI  # the CLI sits above the monitoring package, not below it
+
     baselines: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for task in chosen:

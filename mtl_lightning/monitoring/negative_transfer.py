@@ -38,7 +38,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from mtl_lightning.gradients.engine import flatten_jacobian, task_jacobian
+from mtl_lightning.core.engine import flatten_jacobian, task_jacobian
 from mtl_lightning.monitoring.grouping import MAX_TASKS_EXHAUSTIVE, select_networks
 from mtl_lightning.monitoring.report import HeatmapWriter, write_report
 from mtl_lightning.monitoring.signals import gradient_geometry, lookahead_updates

@@ -1,4 +1,5 @@
-"""The two-objective toy problem of CAGrad, Nash-MTL and FAMO (``REFERENCE.md`` §5).
+"""The two-objective toy problem of CAGrad (Liu et al., NeurIPS 2021), Nash-MTL (Navon et al., ICML
+2022) and FAMO (Liu et al., NeurIPS 2023), as defined in their official code.
 
 Two losses of a point x = (x1, x2) ∈ R² with a Pareto set near x2 ≈ −8.36, x1 ∈ [−7, 7]. Each
 balancing method runs from the papers' start points **through its real callback class**: the point
