@@ -113,7 +113,6 @@ def test_gradvac_pair_reaches_target_similarity():
 
 
 def test_gradvac_general_case_matches_vector_reference_over_steps():
-    rng = np.random.default_rng(5)
     method = GradVac(beta=0.3, seed=7)
     targets = np.zeros((4, 4))
     gen = torch.Generator().manual_seed(7)
@@ -211,7 +210,7 @@ def test_cagrad_two_tasks_closed_form_matches_a_bounded_scalar_search(kind):
         m = gram / gram.mean()
         b = m.mean(1)
         for c in (0.4, 0.5, 0.8):
-            obj = lambda g: np.array([g, 1 - g]) @ b + c * np.sqrt(np.array([g, 1 - g]) @ m @ np.array([g, 1 - g]) + 1e-8)
+            obj = lambda g, b=b, c=c, m=m: np.array([g, 1 - g]) @ b + c * np.sqrt(np.array([g, 1 - g]) @ m @ np.array([g, 1 - g]) + 1e-8)
             ref = minimize_scalar(obj, bounds=(0, 1), method="bounded", options={"xatol": 1e-12})
             w = cagrad_simplex_weights(torch.tensor(gram), c).numpy()
             assert w.sum() == pytest.approx(1.0) and (w >= 0).all()

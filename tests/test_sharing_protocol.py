@@ -13,7 +13,7 @@ from torch import nn
 
 from architecture_zoo import ARCHITECTURES, NO_SHARED, batch, build
 from helpers import quiet_trainer
-from mtl_lightning.architectures import MMoE, PLE, SoftSharing, TaskGraph, check_roles
+from mtl_lightning.architectures import MMoE, SoftSharing, check_roles
 from mtl_lightning.balancing import EqualWeighting, GradNorm
 from mtl_lightning.balancing.base import BalancingContext
 from mtl_lightning.data import TensorDictDataset

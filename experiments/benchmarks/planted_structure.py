@@ -67,7 +67,7 @@ def main() -> None:
     flag, grouping = sum(r["flag"] for r in results), sum(r["grouping"] for r in results)
     both = sum(r["flag"] and r["grouping"] for r in results)
     failed = [r["seed"] for r in results if not (r["flag"] and r["grouping"])]
-    print(f"\n| affinity_reference | seeds | random flagged, no other | planted groups recovered | both | failing seeds |")
+    print("\n| affinity_reference | seeds | random flagged, no other | planted groups recovered | both | failing seeds |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.affinity_reference} | 0–{n - 1} | {flag}/{n} | {grouping}/{n} | {both}/{n} | {failed} |")
 

@@ -58,6 +58,29 @@ class MTAN(Architecture):
         tail: Shared module applied to each task's attended output (default: none).
         out_features: Width of the task features (default: ``tail.out_features`` or the last width).
         spatial: Stage outputs are images (N, C, H, W) rather than vectors (N, C).
+
+    Examples:
+        A two-stage trunk on vector inputs; each task attends to both stages:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from mtl_lightning import MultiTaskModule, RegressionTask
+        >>> from mtl_lightning.architectures import MTAN, check_roles
+        >>> from mtl_lightning.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> stages = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Sequential(nn.Linear(8, 8), nn.ReLU())]
+        >>> model = MultiTaskModule(MTAN(stages, [8, 8], spatial=False),
+        ...                         [RegressionTask("a"), RegressionTask("b")])
+        >>> arch = model.architecture
+        >>> roles = arch.parameter_roles()  # parameter tensors by role
+        >>> len(roles.shared), {t: len(p) for t, p in roles.task_own.items()}, len(roles.mixing)
+        (6, {'a': 8, 'b': 8}, 0)
+        >>> arch.supported_modes
+        ('param',)
+        >>> x = torch.randn(5, 4)
+        >>> _ = check_roles(model, {"input": x, "a": x[:, 0], "b": x[:, 1]})  # raises if autograd disagrees
+        >>> {t: tuple(f.shape) for t, f in arch(x).items()}  # features by task
+        {'a': (5, 8), 'b': (5, 8)}
     """
 
     def __init__(self, stages: Sequence[nn.Sequential], widths: Sequence[int], tail: Optional[nn.Module] = None,
