@@ -32,12 +32,12 @@ def main() -> None:
             "fit", "--config", os.path.join(HERE, f"{name}.yaml"), "--trainer.max_epochs", str(args.epochs),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_checkpointing", "false", "--trainer.enable_model_summary", "false",
-        ])
+        ], run_summary=False)  # the table below is the summary
         metrics = cli.trainer.callback_metrics
         acc = [float(metrics[f"val/{d}/accuracy"]) for d in DOMAINS]
         share = [float(metrics[f"train/{d}/step_share"]) for d in DOMAINS]
         rows.append((name, cli.trainer.global_step, acc, share, time.perf_counter() - start))
-    print(f"\n| policy | steps | " + " | ".join(f"val acc {d}" for d in DOMAINS) + " | mean | step share (last epoch) | s |")
+    print("\n| policy | steps | " + " | ".join(f"val acc {d}" for d in DOMAINS) + " | mean | step share (last epoch) | s |")
     print("|---|---:|" + "---:|" * len(DOMAINS) + "---:|---|---:|")
     for name, steps, acc, share, secs in rows:
         print(f"| {name} | {steps} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {sum(acc) / 3:.3f} | "

@@ -1,13 +1,11 @@
-"""Example schedule functions for the ``Scheduled`` mixing policy (referenced by dotted path in YAML,
-e.g. ``schedule: experiments.domain_digits.schedules.original_then_uniform``; run from the repo root)."""
+"""Example schedule for the ``Scheduled`` mixing policy, kept for configs that reference it by
+``experiments.domain_digits.schedules.original_then_uniform`` (importable only with the repository
+root on ``PYTHONPATH``). ``scheduled.yaml`` uses the packaged copy,
+``mtl_lightning.data.schedules.original_then_uniform``, which imports from the ``mtl-lightning``
+script anywhere; write your own schedule the same way, in a module on ``PYTHONPATH``."""
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from mtl_lightning.data.schedules import original_then_uniform
 
-
-def original_then_uniform(step: int) -> Union[str, Mapping[str, float]]:
-    """Train only the large ``original`` domain for 100 steps, then draw the domains uniformly."""
-    if step < 100:
-        return "original"
-    return {"original": 1.0, "transposed": 1.0, "inverted": 1.0}
+__all__ = ["original_then_uniform"]

@@ -37,7 +37,7 @@ class UW(LossWeighting):
         >>> pl.Trainer(callbacks=[uw], max_epochs=2, barebones=True, accelerator="cpu").fit(model, data)
         >>> # the weights ½e^{−s_t} move from 0.5 towards 1/(2L_t); these losses are below 1
         >>> [round(w, 3) for w in (0.5 * torch.exp(-uw.log_variance)).tolist()]
-        [1.099, 1.079]
+        [1.099, 1.084]
 
         A ready-made config: ``mtl-lightning fit --config experiments/multidigits/uw.yaml``.
     """

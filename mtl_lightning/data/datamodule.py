@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class TensorDictDataset(Dataset):
@@ -39,11 +39,43 @@ class TensorDictDataset(Dataset):
         return set(self.tensors)
 
 
+def _batch_length(batch: Any) -> int:
+    for value in (batch.values() if isinstance(batch, Mapping) else [batch]):
+        if isinstance(value, Tensor):
+            return len(value)
+    return 0
+
+
 def collate_batched(batch: Any) -> Any:
     """Collate for datasets that already return whole batches (``__getitems__``)."""
     if isinstance(batch, Mapping):
         return batch
     return torch.utils.data.default_collate(batch)
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """The training order: a permutation drawn from ``seed + epoch`` (``DistributedSampler``'s rule,
+    so every rank agrees and each takes its shard), starting ``skip`` samples into this rank's share.
+
+    Nothing comes from the global RNG, so a run resumed from a checkpoint (epoch and position, kept
+    by the data module) draws the same batches as an uninterrupted one. Lightning sees a
+    ``DistributedSampler`` and neither wraps nor replaces it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self) -> Any:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    # __len__ stays the full share: Lightning reads it once per fit, for every epoch.
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a new epoch starts at its beginning; a resumed one keeps its position
+        super().set_epoch(epoch)
 
 
 class MultiTaskDataModule(pl.LightningDataModule):
@@ -76,12 +108,16 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
+        self.sampler: Optional[EpochShuffleSampler] = None
+        self._progress = {"epoch": 0, "position": 0}  # training samples of this rank consumed in the epoch
 
     def build_datasets(self) -> dict[str, Dataset]:
         """Return ``{"train": …, "val": …, "test": …}`` (``"predict"`` optional)."""
         raise NotImplementedError
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "fit":  # a new fit starts at the beginning (a resumed one then loads its progress)
+            self._progress, self.sampler = {"epoch": 0, "position": 0}, None
         if not self.datasets:
             self.datasets = self.build_datasets()
 
@@ -97,10 +133,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise KeyError(f"{type(self).__name__} has no '{split}' split (it has {sorted(self.datasets)}).")
+        sampler = None
+        if shuffle:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = self.sampler = EpochShuffleSampler(self.datasets[split], world, rank, self.seed)
+            sampler.set_epoch(self._progress["epoch"])
+            sampler.skip = self._progress["position"]
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_batched,
             persistent_workers=self.num_workers > 0,
@@ -108,6 +151,25 @@ class MultiTaskDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Once per training batch the loop consumes (the loader may prefetch ahead): the resumable position.
+        trainer = getattr(self, "trainer", None)
+        if self.sampler is not None and trainer is not None and trainer.training:
+            if self.sampler.epoch != self._progress["epoch"]:
+                self._progress = {"epoch": self.sampler.epoch, "position": self.sampler.skip}
+            self._progress["position"] += _batch_length(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training order state: the epoch and the samples of this rank consumed in it."""
+        if self.sampler is not None and self.sampler.epoch != self._progress["epoch"]:
+            return {"epoch": self.sampler.epoch, "position": 0}
+        return dict(self._progress)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._progress = {"epoch": int(state_dict.get("epoch", 0)), "position": int(state_dict.get("position", 0))}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
