@@ -12,11 +12,13 @@ from mtl_lightning.architectures.dselect_k import DSelectK
 from mtl_lightning.architectures.mmoe import MMoE
 from mtl_lightning.architectures.mtan import MTAN
 from mtl_lightning.architectures.ple import PLE
+from mtl_lightning.architectures.segnet import SegNet
+from mtl_lightning.architectures.segnet_mtan import SegNetMTAN
 from mtl_lightning.architectures.soft_sharing import SoftSharing
 from mtl_lightning.architectures.task_graph import TaskGraph
 from mtl_lightning.architectures.verify import check_roles
 
 __all__ = [
     "Architecture", "ParameterRoles", "HardSharing", "SoftSharing", "CrossStitch", "MTAN", "MMoE", "CGC", "PLE",
-    "DSelectK", "TaskGraph", "check_roles",
+    "DSelectK", "TaskGraph", "SegNet", "SegNetMTAN", "check_roles",
 ]

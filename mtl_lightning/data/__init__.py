@@ -1,6 +1,7 @@
 """Data modules: where batches come from and how tasks are mixed into steps."""
 
 from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.data.dense import CityscapesDataModule, DenseNpyDataModule, NYUv2DataModule
 from mtl_lightning.data.domain_digits import DomainDigitsDataModule
 from mtl_lightning.data.mixing import MultiDatasetDataModule, TaskMixingSampler
 from mtl_lightning.data.multidigits import MultiDigitsDataModule
@@ -27,6 +28,9 @@ __all__ = [
     "MultiDatasetDataModule",
     "TaskMixingSampler",
     "DomainDigitsDataModule",
+    "DenseNpyDataModule",
+    "NYUv2DataModule",
+    "CityscapesDataModule",
     "MixingPolicy",
     "AllTasks",
     "Uniform",

@@ -60,15 +60,20 @@ class EpochShuffleSampler(DistributedSampler):
     Nothing comes from the global RNG, so a run resumed from a checkpoint (epoch and position, kept
     by the data module) draws the same batches as an uninterrupted one. Lightning sees a
     ``DistributedSampler`` and neither wraps nor replaces it.
+
+    A dataset whose samples are random per epoch (augmentation) sets ``epoch_keyed = True``: it is
+    then indexed by ``(epoch, index)`` and seeds its draws from them, so they too are the same in a
+    resumed run and in any worker.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.skip = 0
+        self.epoch_keyed = bool(getattr(dataset, "epoch_keyed", False))
 
     def __iter__(self) -> Any:
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(self.epoch, i) for i in indices] if self.epoch_keyed else indices)
 
     # __len__ stays the full share: Lightning reads it once per fit, for every epoch.
 

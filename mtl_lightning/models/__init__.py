@@ -1,7 +1,7 @@
 """Models: the multi-task LightningModule and the encoders it shares between tasks."""
 
-from mtl_lightning.architectures import CrossStitch, SoftSharing
+from mtl_lightning.architectures import CrossStitch, SegNet, SoftSharing
 from mtl_lightning.models.encoders import MLP, SmallCNN
 from mtl_lightning.models.module import MultiTaskModule
 
-__all__ = ["MultiTaskModule", "MLP", "SmallCNN", "SoftSharing", "CrossStitch"]
+__all__ = ["MultiTaskModule", "MLP", "SmallCNN", "SegNet", "SoftSharing", "CrossStitch"]

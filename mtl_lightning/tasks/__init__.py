@@ -1,5 +1,6 @@
 """Task definitions: what each task predicts, how it is scored, where its label lives."""
 
+from mtl_lightning.tasks.dense import DenseTask, DepthTask, NormalTask, SegmentationTask
 from mtl_lightning.tasks.task import (
     ClassificationTask,
     MetricSpec,
@@ -9,4 +10,7 @@ from mtl_lightning.tasks.task import (
     TaskConfigError,
 )
 
-__all__ = ["Task", "ClassificationTask", "MultiLabelTask", "RegressionTask", "MetricSpec", "TaskConfigError"]
+__all__ = [
+    "Task", "ClassificationTask", "MultiLabelTask", "RegressionTask", "MetricSpec", "TaskConfigError",
+    "DenseTask", "SegmentationTask", "DepthTask", "NormalTask",
+]

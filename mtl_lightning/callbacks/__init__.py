@@ -1,0 +1,5 @@
+"""Lightning callbacks that are neither a balancing method nor the monitor: evaluation protocols."""
+
+from mtl_lightning.callbacks.last_epochs_average import LastEpochsAverage
+
+__all__ = ["LastEpochsAverage"]
