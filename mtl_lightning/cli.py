@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.summary import RunSummary
+from mtl_lightning.tasks.task import TaskConfigError
 from mtl_lightning.tracking import RunConfigCallback
 
 #: Trainer flags that the MultiTaskModule implements itself (it drives optimization).
@@ -90,9 +91,12 @@ class MTLArgumentParser(LightningArgumentParser):
 
 
 def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions behind it, as Python displays them (``raise … from None`` ends the chain:
+    that error is the one to show)."""
     out, seen = [err], {id(err)}
     while True:
-        nxt = out[-1].__cause__ or out[-1].__context__
+        last = out[-1]
+        nxt = last.__cause__ if last.__cause__ is not None or last.__suppress_context__ else last.__context__
         if nxt is None or id(nxt) in seen:
             return out
         out.append(nxt)
@@ -203,10 +207,13 @@ class MTLCLI(LightningCLI):
         try:
             super()._run_subcommand(subcommand)
         except ValueError as err:
-            # A ValueError before the stage started (datamodule/module set-up) is an input error.
+            # A ValueError before the stage started (datamodule/module set-up) is an input error; so is a
+            # TaskConfigError whenever it comes (a task that does not fit its data or its head, found at
+            # the first batch: e.g. a head built for another input size).
             summary = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
-            if summary is not None and not summary.started:
-                setattr(err, _CONFIG_ERROR_ATTR, ("set-up", None, None))
+            started = summary is None or summary.started
+            if not started or isinstance(err, TaskConfigError):
+                setattr(err, _CONFIG_ERROR_ATTR, ("set-up" if not started else f"{subcommand}", None, None))
             raise
 
 

@@ -177,8 +177,13 @@ def tables(summary: list[dict[str, Any]], counts: dict[str, int]) -> str:
 
 def plot(summary: list[dict[str, Any]], runs: list[dict[str, Any]], path: str) -> None:
     """Left: test MSE vs correlation per model (error bars: std over seeds). Then one panel per
-    correlation with the mean training-loss curves (the layout of the paper's synthetic-data figure)."""
-    import matplotlib
+    correlation with the mean training-loss curves (the layout of the paper's synthetic-data figure).
+    Without matplotlib it says so and draws nothing (results.json and results.md are written before)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print('matplotlib is not installed: no figure (pip install "mtl-lightning[plots]").')
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -186,7 +186,7 @@ def figure(summary: list[dict[str, Any]], path: str) -> Optional[str]:
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib).")
+        print('matplotlib is not installed: no figure (pip install "mtl-lightning[plots]").')
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 
 class TensorDictDataset(Dataset):
@@ -37,6 +37,22 @@ class TensorDictDataset(Dataset):
     @property
     def keys(self) -> set[str]:
         return set(self.tensors)
+
+    def label_tensor(self, key: str) -> Optional[Tensor]:
+        """The whole tensor under ``key`` (for the set-up checks of the labels), or None."""
+        return self.tensors.get(key)
+
+
+def dataset_labels(dataset: Dataset, key: str) -> Optional[Tensor]:
+    """Every label ``key`` of ``dataset`` as one tensor, when the dataset holds them in memory: it
+    defines ``label_tensor(key)`` (:class:`TensorDictDataset` does), or is a ``Subset`` of one.
+    None otherwise: a dataset that cannot expose its labels cheaply is not iterated."""
+    if isinstance(dataset, Subset):
+        labels = dataset_labels(dataset.dataset, key)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    getter = getattr(dataset, "label_tensor", None)
+    labels = getter(key) if callable(getter) else None
+    return labels if isinstance(labels, Tensor) else None
 
 
 def _batch_length(batch: Any) -> int:
@@ -125,6 +141,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self._progress, self.sampler = {"epoch": 0, "position": 0}, None
         if not self.datasets:
             self.datasets = self.build_datasets()
+
+    def split_datasets(self, task: str) -> dict[str, Dataset]:
+        """The datasets holding ``task``'s samples, by split (here: every split; the model validates
+        each task's labels in them at set-up)."""
+        self.setup()
+        return dict(self.datasets)
 
     @property
     def label_keys(self) -> set[str]:

@@ -262,15 +262,17 @@ class MultiDatasetDataModule(MultiTaskDataModule):
             for task, splits in datasets.items():
                 if "train" not in splits:
                     raise ValueError(f"{type(self).__name__}: task '{task}' has no 'train' dataset (splits: {sorted(splits)}).")
-                empty = [s for s, d in splits.items() if len(d) == 0]  # type: ignore[arg-type]
-                if empty:
-                    raise ValueError(f"{type(self).__name__}: task '{task}' has empty split(s) {empty}.")
             self.datasets = datasets
 
     @property
     def task_names(self) -> list[str]:
         self.setup()
         return list(self.datasets)
+
+    def split_datasets(self, task: str) -> dict[str, Dataset]:
+        """``task``'s own datasets by split (empty when it has none)."""
+        self.setup()
+        return dict(self.datasets.get(task, {}))
 
     @property
     def label_keys_by_task(self) -> dict[str, set[str]]:

@@ -84,8 +84,9 @@ class MultiDigitsDataModule(MultiTaskDataModule):
     Args:
         num_train: Training pairs. num_val: Validation pairs. num_test: Test pairs.
         aux_tasks: Auxiliary label sets to provide, from ``sum``, ``present``, ``random``, ``left_x1000``.
-        missing_labels: Fraction of training samples whose label of a task is missing, e.g.
-            ``{"right": 0.3}`` (to study partially labelled data).
+        missing_labels: Fraction in [0, 1] of training samples whose label of a task is missing, e.g.
+            ``{"right": 0.3}`` (to study partially labelled data; 1.0 leaves the task no labelled
+            training sample, which the model refuses at set-up).
         split_fractions: Fractions of the single digits for train and val (the rest is test).
     """
 
@@ -111,6 +112,12 @@ class MultiDigitsDataModule(MultiTaskDataModule):
         bad = sorted(set(self.missing_labels) - set(self.keys[1:]))
         if bad:
             raise ValueError(f"MultiDigitsDataModule: missing_labels names unknown task(s) {bad}; tasks: {self.keys[1:]}.")
+        for key, rate in self.missing_labels.items():
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+                raise ValueError(
+                    f"MultiDigitsDataModule: missing_labels['{key}'] = {rate!r} must be a fraction in [0, 1] "
+                    f"(the share of the training labels of task '{key}' to drop)."
+                )
         self.num_pairs = {"train": num_train, "val": num_val, "test": num_test}
         self.split_fractions = split_fractions
 

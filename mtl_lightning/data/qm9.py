@@ -329,6 +329,10 @@ class QM9Graphs(Dataset):
     def keys(self) -> set[str]:
         return {"input", *self.labels}
 
+    def label_tensor(self, key: str) -> Optional[Tensor]:
+        """The standardised targets under ``key`` (for the set-up checks of the labels), or None."""
+        return self.labels.get(key)
+
     def _complete(self, n: int) -> tuple[Tensor, Tensor]:
         if n not in self._templates:
             row = torch.arange(n).repeat_interleave(n)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from mtl_lightning.architectures.base import Architecture, ParameterRoles
@@ -26,12 +27,41 @@ from mtl_lightning.balancing.base import BalancingMethod
 from mtl_lightning.balancing.equal import EqualWeighting
 from mtl_lightning.core.context import TrainingLosses
 from mtl_lightning.core.step import MultiTaskStep
+from mtl_lightning.data.datamodule import dataset_labels
 from mtl_lightning.metrics.delta import delta_mtl
 from mtl_lightning.models.backend import LightningBackend
 from mtl_lightning.tasks.task import Task, TaskConfigError
 
 _BALANCING_PREFIX = "balancing_parameters."
 _PARAMETER_GROUPS = ("shared", "task", "mixing")
+#: Phrases of torch's errors when a module receives an input of the wrong size.
+_SHAPE_ERROR = re.compile(r"shape|size mismatch|channels|dimension|Expected .*size", re.IGNORECASE)
+
+
+def head_input_size(head: nn.Module) -> Optional[int]:
+    """The number of input features a head expects, when its first layer says so (an ``nn.Linear``,
+    possibly first in an ``nn.Sequential``); None when it cannot be told without running it."""
+    while isinstance(head, nn.Sequential) and len(head) > 0:
+        head = head[0]
+    if isinstance(head, nn.Linear) and not isinstance(head, nn.modules.lazy.LazyModuleMixin):
+        return int(head.in_features)
+    return None
+
+
+def head_input_error(task: str, head: nn.Module, features: Any, error: RuntimeError) -> Optional[TaskConfigError]:
+    """A :class:`TaskConfigError` naming ``task``, what its head expects and the features' size, when
+    ``error`` (raised by the head) is a size mismatch; None for any other error."""
+    if isinstance(error, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(error)):
+        return None
+    shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+    actual = f"shape {shape}" + (f" ({shape[-1]} features)" if isinstance(shape, tuple) and shape else "")
+    expected = head_input_size(head)
+    problem = (f"its head expects {expected} input features, but the encoder's features have {actual}" if expected is not None
+               else f"its head ({type(head).__name__}) cannot be applied to the encoder's features of {actual}")
+    return TaskConfigError(
+        f"Task '{task}': {problem}. Make the head's input size match the encoder's out_features "
+        f"(torch: {str(error).splitlines()[0] if str(error) else type(error).__name__})."
+    )
 
 
 class MultiTaskModule(pl.LightningModule):
@@ -117,6 +147,12 @@ class MultiTaskModule(pl.LightningModule):
                     "'out_features' to build one; give the task a head or the encoder out_features."
                 )
             heads[task.name] = task.build_head(in_features) if task.head is None else task.head
+            expected = head_input_size(heads[task.name])
+            if isinstance(in_features, int) and expected is not None and expected != in_features:
+                raise TaskConfigError(
+                    f"Task '{task.name}': its head expects {expected} input features, but the encoder "
+                    f"{type(encoder).__name__} gives {in_features} (out_features); build the head for {in_features} inputs."
+                )
         self.heads = nn.ModuleDict(heads)
         # The roles, read once (architectures are fixed once bound); requires_grad is checked per call.
         self._roles = self.architecture.parameter_roles()
@@ -287,10 +323,18 @@ class MultiTaskModule(pl.LightningModule):
             per_task = {name: features for name in names}
         if head_inputs is not None and not isinstance(features, Mapping):
             head_inputs.update(per_task)
-        return {
-            name: self.heads[name](per_task[name].detach() if interventions and name in self.detached_tasks else per_task[name])
-            for name in names
-        }
+        outputs = {}
+        try:
+            for name in names:
+                outputs[name] = self.heads[name](
+                    per_task[name].detach() if interventions and name in self.detached_tasks else per_task[name]
+                )
+        except RuntimeError as error:  # costs nothing unless a head fails; then name the task
+            named = head_input_error(name, self.heads[name], per_task[name], error)
+            if named is None:
+                raise
+            raise named from None  # the message carries torch's; the CLI shows this one
+        return outputs
 
     def set_task_loss_multiplier(self, task: str, value: float) -> None:
         """Scale ``task``'s training loss by ``value`` from now on (1.0 restores it)."""
@@ -456,6 +500,7 @@ class MultiTaskModule(pl.LightningModule):
                         f"Task '{task.name}' reads label key '{task.label_key}', which the data module "
                         f"{type(datamodule).__name__} does not provide (it provides {sorted(available)})."
                     )
+        self._check_data(datamodule, stage)
         balancers = [cb for cb in self.trainer.callbacks if isinstance(cb, BalancingMethod)]
         if len(balancers) > 1:
             raise ValueError(
@@ -505,6 +550,32 @@ class MultiTaskModule(pl.LightningModule):
                     f"Task '{task.name}' reads label key '{task.label_key}', which its dataset in {name} "
                     f"does not provide (it provides {sorted(by_task[task.name])})."
                 )
+
+    def _check_data(self, datamodule: Any, stage: str) -> None:
+        """Validate, once at set-up, the data every task will see (any batch layout): no split is
+        empty, every label is one its task accepts (:meth:`Task.validate_labels`, vectorised over the
+        label tensor the dataset holds), and, before fitting, every task has a labelled training
+        sample. Datasets that cannot expose their labels cheaply (no ``label_tensor``) are skipped."""
+        split_datasets = getattr(datamodule, "split_datasets", None)
+        if not callable(split_datasets):
+            return
+        owner = type(datamodule).__name__
+        for task in self.tasks.values():
+            for split, dataset in split_datasets(task.name).items():
+                of_task = f" of task '{task.name}'" if self._batch_layout == "routed" else ""
+                size = len(dataset) if hasattr(dataset, "__len__") else None
+                if size == 0:
+                    raise ValueError(f"{owner}: the '{split}' split{of_task} is empty (0 samples).")
+                labels = dataset_labels(dataset, task.label_key)
+                if labels is None:
+                    continue
+                labelled = task.validate_labels(labels, f"the {split} split of {owner}")
+                if split == "train" and stage == "fit" and labelled == 0:
+                    raise TaskConfigError(
+                        f"Task '{task.name}': no labelled sample in the train split of {owner} (all {len(labels)} "
+                        "labels are missing), so it would never train; check how the data marks missing labels "
+                        "(e.g. a missing_labels fraction of 1.0) or remove the task."
+                    )
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """The model's trainable parameters: one group, or one per role named in ``parameter_groups``."""
@@ -691,8 +762,14 @@ class MultiTaskModule(pl.LightningModule):
             path = os.path.join(log_dir, "architecture", f"{key}_epoch{self.current_epoch}.png")
             save_heatmap(matrix, self.task_names, f"{type(self.architecture).__name__} {key} (epoch {self.current_epoch})",
                          path, "task j (read from)", "task i (reads)")
-        except ImportError:  # matplotlib is the optional 'plots' extra
-            pass
+        except ImportError:  # matplotlib is the optional 'plots' extra: say so once, keep the logged values
+            if not getattr(self, "_warned_no_plots", False):
+                self._warned_no_plots = True
+                rank_zero_warn(
+                    f"{type(self.architecture).__name__}: matplotlib is not installed, so the '{key}' heatmaps "
+                    f"(architecture/{key}_epoch<k>.png) are not written; the values are logged as arch/{key}/<i>/<j>. "
+                    'For the PNGs: pip install "mtl-lightning[plots]"'
+                )
 
     def step_scheduler(self, scheduler: Any) -> None:
         """Step an LR scheduler (``ReduceLROnPlateau`` on ``lr_scheduler_monitor``)."""

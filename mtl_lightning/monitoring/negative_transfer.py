@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mtl_lightning.core.engine import flatten_jacobian, task_jacobian
 from mtl_lightning.monitoring.grouping import MAX_TASKS_EXHAUSTIVE, select_networks
-from mtl_lightning.monitoring.report import HeatmapWriter, write_report
+from mtl_lightning.monitoring.report import PLOTS_HINT, HeatmapWriter, plots_available, write_report
 from mtl_lightning.monitoring.signals import gradient_geometry, lookahead_updates
 
 ACTIONS = ("warn", "downweight", "detach", "stop")
@@ -128,6 +128,8 @@ class NegativeTransferMonitor(Callback):
         per_layer: Also log the gradient cosine per shared layer (module owning the parameters).
         max_networks: Budget on the number of networks of the recommended grouping (None: T).
         output_dir: Where PNGs and the report go (default: ``<checkpoint dir or log dir>/negative_transfer``).
+            The PNGs need matplotlib (``pip install "mtl-lightning[plots]"``); without it the monitor
+            says so once at set-up and writes the report without them.
         plot_every_n_epochs: Also write heatmaps at the end of every n-th training epoch (default 0:
             only the final ones; each pair costs about 0.1-0.2 s of CPU whatever the epoch's length,
             and the logged scalars already show how the signals evolve).
@@ -191,6 +193,7 @@ class NegativeTransferMonitor(Callback):
         self.task_names: list[str] = []
         self._resolved_dir: Optional[str] = None
         self._heatmap_writer = HeatmapWriter()
+        self._plots: Optional[bool] = None  # matplotlib importable (checked at set-up)
         self._last_measured_step = -1
         self._reset_state(0)
 
@@ -280,6 +283,19 @@ class NegativeTransferMonitor(Callback):
             self.task_names = list(names)
             self._reset_state(len(names))
         self._install_baselines(pl_module)
+        if self._plots is None:
+            self._plots = plots_available()
+            if not self._plots:
+                self._warn_no_plots()
+
+    def _warn_no_plots(self) -> None:
+        self._plots = False
+        rank_zero_warn(f"NegativeTransferMonitor: {self._no_plots_note()}")
+
+    @staticmethod
+    def _no_plots_note() -> str:
+        return (f"matplotlib is not installed, so no heatmap PNG is written; the report (JSON and Markdown) "
+                f"and the logged scalars are. For the heatmaps: {PLOTS_HINT}")
 
     def _install_baselines(self, module: Any) -> None:
         """Merge ``baselines`` and ``baselines_file`` into the tasks' own baselines (which make the
@@ -595,15 +611,19 @@ class NegativeTransferMonitor(Callback):
 
     # ------------------------------------------------------------------ reporting
     def _heatmaps(self, trainer: pl.Trainer, tag: str) -> list[str]:
-        if not trainer.is_global_zero or self.measurements == 0 or self._resolved_dir is None:
+        if not trainer.is_global_zero or self.measurements == 0 or self._resolved_dir is None or self._plots is False:
             return []
         folder = os.path.join(self._resolved_dir, "heatmaps")
-        paths = [
-            self._heatmap_writer.save(self.mean_cosine, self.task_names, f"Gradient cosine ({tag})",
-                         os.path.join(folder, f"cosine_{tag}.png"), "task j", "task i"),
-            self._heatmap_writer.save(self.mean_affinity, self.task_names, f"Affinity Z(i→j) ({tag})",
-                         os.path.join(folder, f"affinity_{tag}.png"), "target j (receives)", "source i (steps)"),
-        ]
+        try:
+            paths = [
+                self._heatmap_writer.save(self.mean_cosine, self.task_names, f"Gradient cosine ({tag})",
+                             os.path.join(folder, f"cosine_{tag}.png"), "task j", "task i"),
+                self._heatmap_writer.save(self.mean_affinity, self.task_names, f"Affinity Z(i→j) ({tag})",
+                             os.path.join(folder, f"affinity_{tag}.png"), "target j (receives)", "source i (steps)"),
+            ]
+        except ImportError:  # found at set-up but not importable (a broken install): the report still gets written
+            self._warn_no_plots()
+            return []
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="nt/heatmap/cosine", images=[paths[0]], step=trainer.global_step)
@@ -633,7 +653,7 @@ class NegativeTransferMonitor(Callback):
             "final_delta": dict(self.val_deltas[-1]) if self.val_deltas else {},
             "final_delta_victims": [t for t, v in (self.val_deltas[-1] if self.val_deltas else {}).items() if v < -self.delta_tolerance],
             "grouping": None,
-            "notes": list(self.notes),
+            "notes": list(self.notes) + ([] if self._plots is not False else [self._no_plots_note()]),
         }
         if self.measurements == 0:
             report["grouping_note"] = "No measurement was taken (training shorter than `interval` steps)."
@@ -645,11 +665,11 @@ class NegativeTransferMonitor(Callback):
         return report
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        heatmaps = self._heatmaps(trainer, "final")  # first: the report notes a failure to draw
         report = self.build_report(trainer)
         self.report = report
         if not trainer.is_global_zero or self._resolved_dir is None:
             return
-        heatmaps = self._heatmaps(trainer, "final")
         json_path, md_path = write_report(report, self._resolved_dir)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

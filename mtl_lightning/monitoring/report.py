@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 from typing import Any, Sequence
 
 from torch import Tensor
+
+#: How to get matplotlib, which draws every PNG the library writes (an optional extra).
+PLOTS_HINT = 'pip install "mtl-lightning[plots]"'
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported, found without importing it (cheap at set-up)."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class HeatmapWriter:

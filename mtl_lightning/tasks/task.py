@@ -91,6 +91,16 @@ class Task:
         """Human-facing prediction from the head's raw output."""
         return output
 
+    def validate_labels(self, labels: Tensor, where: str) -> int:
+        """Check a whole label tensor of this task (a split's, or a batch's) and return how many
+        samples are labelled. Raise :class:`TaskConfigError` naming the task, ``where`` (e.g.
+        ``"the train split of MultiDigitsDataModule"``), the offending value and how many there are.
+
+        Runs once per split at set-up, vectorised over the tensor the dataset holds, so it must not
+        loop over samples. The default counts ``valid_mask(labels)``; subclasses add the checks of
+        their label format (range, width, dtype) and may call this for the count."""
+        return int(self.valid_mask(labels).sum())
+
     # ----------------------------------------------------------------- shared
     def build_head(self, in_features: int) -> nn.Module:
         """The configured head, or a default MLP/linear head on ``in_features`` inputs."""
@@ -129,9 +139,27 @@ class Task:
             raise TaskConfigError(
                 f"Task '{self.name}': {output.shape[0]} outputs but {target.shape[0]} labels in the batch."
             )
+        self.validate_labels(target, "the first batch")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, label_key={self.label_key!r})"
+
+    def _bad_values(self, labels: Tensor, bad: Tensor, where: str, rule: str) -> None:
+        """Raise, naming the offending values (the first five) and their count, when ``bad`` (a
+        mask over ``labels``) has any entry; ``rule`` says what they are (``"outside [0, 3)"``)."""
+        count = int(bad.sum())
+        if not count:
+            return
+        distinct = torch.unique(labels[bad])
+        values = [_format_value(v) for v in distinct[:5].tolist()]
+        if count == 1:
+            raise TaskConfigError(f"Task '{self.name}': label {values[0]} in {where} is {rule}.")
+        more = ", …" if len(distinct) > 5 else ""
+        raise TaskConfigError(f"Task '{self.name}': {count} labels in {where} are {rule}: values {', '.join(values)}{more}.")
+
+
+def _format_value(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 class ClassificationTask(Task):
@@ -169,19 +197,18 @@ class ClassificationTask(Task):
     def valid_mask(self, target: Tensor) -> Tensor:
         return target != self.ignore_index
 
-    def check_output(self, output: Tensor, target: Tensor) -> None:
-        super().check_output(output, target)
-        if target.ndim != 1 or target.is_floating_point():
+    def validate_labels(self, labels: Tensor, where: str) -> int:
+        """Class indices: a 1-D integer tensor, each in [0, num_classes) or ``ignore_index``."""
+        if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
             raise TaskConfigError(
                 f"Task '{self.name}': classification labels must be a 1-D integer tensor of class "
-                f"indices, got dtype {target.dtype} and shape {tuple(target.shape)}."
+                f"indices, got dtype {labels.dtype} and shape {tuple(labels.shape)} in {where}."
             )
-        valid = target[target != self.ignore_index]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
-            raise TaskConfigError(
-                f"Task '{self.name}': label {int(valid.max()) if int(valid.max()) >= self.num_classes else int(valid.min())} "
-                f"is outside [0, {self.num_classes}); use ignore_index={self.ignore_index} for missing labels."
-            )
+        missing = labels == self.ignore_index
+        bad = ~missing & ((labels < 0) | (labels >= self.num_classes))
+        self._bad_values(labels, bad, where, f"outside [0, {self.num_classes}) and not the missing-label value "
+                         f"ignore_index={self.ignore_index}")
+        return int(labels.numel() - missing.sum())
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return nn.functional.cross_entropy(
@@ -236,13 +263,17 @@ class MultiLabelTask(Task):
     def valid_mask(self, target: Tensor) -> Tensor:
         return self._entry_mask(target).any(dim=-1)
 
-    def check_output(self, output: Tensor, target: Tensor) -> None:
-        super().check_output(output, target)
-        if target.shape != output.shape:
+    def validate_labels(self, labels: Tensor, where: str) -> int:
+        """Shape (n, num_labels); every present entry (not negative, not NaN) is 0 or 1."""
+        if labels.ndim != 2 or labels.shape[1] != self.num_labels:
             raise TaskConfigError(
                 f"Task '{self.name}': multi-label targets must have shape (batch, {self.num_labels}), "
-                f"got {tuple(target.shape)}."
+                f"got {tuple(labels.shape)} in {where}."
             )
+        entries = self._entry_mask(labels)
+        self._bad_values(labels, entries & (labels != 0) & (labels != 1), where,
+                         "neither 0 nor 1 (a missing entry is negative or NaN)")
+        return int(entries.any(dim=-1).sum())
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         entries = self._entry_mask(target)
@@ -260,6 +291,9 @@ class MultiLabelTask(Task):
 
     def predict(self, output: Tensor) -> Tensor:
         return output.sigmoid()
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class RegressionTask(Task):
@@ -301,13 +335,21 @@ class RegressionTask(Task):
     def valid_mask(self, target: Tensor) -> Tensor:
         return ~torch.isnan(self._as_2d(target)).any(dim=-1)
 
-    def check_output(self, output: Tensor, target: Tensor) -> None:
-        super().check_output(output, target)
-        if self._as_2d(target).shape[-1] != self.num_outputs:
+    def validate_labels(self, labels: Tensor, where: str) -> int:
+        """``num_outputs`` values per sample, each finite or NaN (missing)."""
+        if labels.ndim == 0 or not (labels.is_floating_point() or labels.dtype in _INTEGER_DTYPES):
             raise TaskConfigError(
-                f"Task '{self.name}': regression labels have {self._as_2d(target).shape[-1]} values per "
-                f"sample but the task has num_outputs={self.num_outputs}."
+                f"Task '{self.name}': regression labels must be a numeric tensor of shape (n,) or (n, {self.num_outputs}), "
+                f"got dtype {labels.dtype} and shape {tuple(labels.shape)} in {where}."
             )
+        flat = self._as_2d(labels)
+        if flat.shape[-1] != self.num_outputs:
+            raise TaskConfigError(
+                f"Task '{self.name}': regression labels have {flat.shape[-1]} values per sample in {where} "
+                f"but the task has num_outputs={self.num_outputs}."
+            )
+        self._bad_values(flat, torch.isinf(flat), where, "infinite (a missing label is NaN)")
+        return int(self.valid_mask(flat).sum())
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         target = self._as_2d(target)
