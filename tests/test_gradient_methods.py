@@ -238,17 +238,15 @@ def test_nash_mtl_solves_the_bargaining_condition():
     jac = random_jacobian(4, p=9, seed=2)
     gram = torch.tensor(jac @ jac.T)
     alpha = NashMTL(max_norm=0.0).weights(gram, torch.ones(4))
-    normalized = gram / torch.linalg.matrix_norm(gram)
     assert (alpha > 0).all()
-    torch.testing.assert_close(normalized @ alpha, 1 / alpha, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(gram @ alpha, 1 / alpha, atol=1e-8, rtol=1e-8)  # on M itself, not M/‖M‖
 
 
 def test_nash_mtl_orthogonal_gradients_get_inverse_norm_weights():
-    # M = diag(a², b²) normalised: α_t = 1/‖g_t‖ (up to the Frobenius factor), so every task's
-    # gradient contributes a unit-norm step: α_t‖g_t‖ is the same for both tasks.
+    # M = diag(a², b²): α_t = 1/‖g_t‖, so every task's gradient contributes a unit-norm step.
     jac = np.array([[3.0, 0.0], [0.0, 0.5]])
     alpha = NashMTL(max_norm=0.0).weights(torch.tensor(jac @ jac.T), torch.ones(2)).numpy()
-    np.testing.assert_allclose(alpha[0] * 3.0, alpha[1] * 0.5, rtol=1e-8)
+    np.testing.assert_allclose(alpha, [1 / 3.0, 1 / 0.5], rtol=1e-8)
 
 
 def test_nash_mtl_clips_to_max_norm_and_warm_starts():
@@ -257,6 +255,81 @@ def test_nash_mtl_clips_to_max_norm_and_warm_starts():
     d = direction(method, jac)
     assert np.linalg.norm(d) == pytest.approx(1.0, rel=1e-5)
     assert method.alpha is not None and method.steps == 1
+
+
+def official_nash_step(jac, max_norm=1.0, optim_niter=20, previous=None):
+    """The official ``NashMTL`` (``methods/weight_methods.py`` of AvivNavon/nash-mtl) on one J:
+    ``get_weighted_loss`` (cvxpy/ECOS sequential convex iterations on M/‖M‖ with the normalisation
+    factor in the constraints), then ``backward``'s ``clip_grad_norm_`` of the shared gradient.
+    Returns the update and α (the next step's warm start)."""
+    import cvxpy as cp
+
+    t = len(jac)
+    alpha_param = cp.Variable(shape=(t,), nonneg=True)
+    start = np.ones(t, dtype=np.float32) if previous is None else previous
+    prvs_alpha_param = cp.Parameter(shape=(t,), value=start)
+    g_param = cp.Parameter(shape=(t, t), value=np.eye(t))
+    nf_param = cp.Parameter(shape=(1,), value=np.array([1.0]))
+    g_prvs_alpha = g_param @ prvs_alpha_param
+    prvs_phi_tag = 1 / prvs_alpha_param + (1 / g_prvs_alpha) @ g_param
+    phi_alpha = prvs_phi_tag @ (alpha_param - prvs_alpha_param)
+    g_alpha = g_param @ alpha_param
+    constraints = [-cp.log(alpha_param[i] * nf_param) - cp.log(g_alpha[i]) <= 0 for i in range(t)]
+    problem = cp.Problem(cp.Minimize(cp.sum(g_alpha) + phi_alpha / nf_param), constraints)
+    gtg = jac @ jac.T
+    nf = np.linalg.norm(gtg).reshape((1,))
+    gtg = gtg / nf.item()
+    g_param.value, nf_param.value = gtg, nf
+    alpha_t = start
+    for _ in range(optim_niter):
+        alpha_param.value = alpha_t
+        prvs_alpha_param.value = alpha_t
+        try:
+            problem.solve(solver=cp.ECOS, warm_start=True, max_iters=100)
+        except Exception:  # the official code's bare except
+            alpha_param.value = prvs_alpha_param.value
+        if (alpha_param.value is None or np.linalg.norm(gtg @ alpha_t - 1 / (alpha_t + 1e-10)) < 1e-3
+                or np.linalg.norm(alpha_param.value - prvs_alpha_param.value) < 1e-6):
+            break
+        alpha_t = alpha_param.value
+    alpha = start if alpha_t is None else alpha_t
+    d = alpha @ jac
+    if max_norm > 0:
+        d = d * min(1.0, max_norm / (np.linalg.norm(d) + 1e-6))
+    return d, alpha
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # cvxpy: "not DPP", "may be inaccurate"
+@pytest.mark.parametrize("t,seed", [(2, 0), (2, 1), (3, 0), (3, 1), (4, 1)])
+@pytest.mark.parametrize("scale", [0.01, 0.1, 0.3, 7.0])
+def test_nash_mtl_step_equals_the_official_implementations(t, seed, scale):
+    """The official solver is run as in training, warm-started from its last α, until its α solves
+    Mα = 1/α; the library's step (default max_norm = 1) then equals its step. Small gradients are
+    where the library's step used to be shorter: it solved M/‖M‖ without rescaling α by ‖M‖^−½ (at
+    scale 0.01 its step was 2-5% of the official one)."""
+    pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(seed)
+    jac = rng.normal(size=(t, 6))
+    jac[1] = -0.6 * jac[0] + 0.4 * jac[1]
+    jac *= scale
+    alpha = None
+    for _ in range(10):
+        expected, alpha = official_nash_step(jac, previous=alpha)
+        if np.abs(alpha * (jac @ jac.T @ alpha) - 1).max() < 1e-4:
+            break
+    assert np.abs(alpha * (jac @ jac.T @ alpha) - 1).max() < 1e-4  # the reference converged
+    assert np.linalg.norm(expected) == pytest.approx(1.0, rel=1e-5)  # ‖d‖ = √T before clipping
+    np.testing.assert_allclose(direction(NashMTL(), jac), expected, rtol=0, atol=1e-5)
+
+
+def test_nash_mtl_update_every_reuses_the_weights_themselves():
+    # The official code reuses α between updates: with the gradients ×10 at the second step, the
+    # reused weights give a ×10 step (no re-solve, no renormalisation).
+    jac = random_jacobian(3, p=6, seed=5)
+    method = NashMTL(max_norm=0.0, update_every=2)
+    first = method.weights(torch.tensor(jac @ jac.T), torch.ones(3))
+    second = method.weights(torch.tensor(100 * jac @ jac.T), torch.ones(3))
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
 DEGENERATE_JACOBIANS = {
