@@ -49,6 +49,13 @@ class FairGrad(GradientBalancer):
         self.max_norm = max_norm
         self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
+    promises = GradientBalancer.promises | {"non_conflicting"}  # g_t·d = w_t^(−1/α) > 0
+
+    @property
+    def scale_exponent(self) -> Optional[float]:
+        """M → c²M gives w → c^(−2α/(1+α))w, so d → c^((1−α)/(1+α))d (Nash-MTL's 0 at α = 1); none when clipped."""
+        return (1 - self.alpha) / (1 + self.alpha) if self.max_norm == 0 else None
+
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         start = torch.full((t,), 1.0 / t, dtype=torch.float64, device=gramian.device)
