@@ -12,7 +12,8 @@ import torch
 from scipy.optimize import least_squares, minimize, nnls
 
 from mtl_lightning.gradients import (
-    CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
+    CAGrad, ConFIG, DBMTL, DualProj, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, SDMGrad,
+    UPGrad,
 )
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.registry import gradient_methods
@@ -533,7 +534,93 @@ def test_graddrop_keeps_everything_when_signs_agree():
     (lambda: DBMTL(beta=-0.1), "DBMTL: beta"),
     (lambda: GradDrop(leak=1.5), "GradDrop: leak"),
     (lambda: UPGrad(reg_eps=-1), "UPGrad: norm_eps and reg_eps"),
+    (lambda: DualProj(norm_eps=-1), "DualProj: norm_eps and reg_eps"),
+    (lambda: SDMGrad(lamda=-1), "SDMGrad: lamda"),
+    (lambda: SDMGrad(momentum=1.0), "SDMGrad: need iterations"),
 ])
 def test_bad_options_raise_clear_errors(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+# ------------------------------------------------------------------------------------------ DualProj
+@pytest.mark.parametrize("t,seed", [(2, 0), (3, 1), (5, 2), (7, 3)])
+def test_dualproj_matches_torchjd(t, seed):
+    """TorchJD's DualProjWeighting (quadprog on the normalised, regularised Gramian) is the reference."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    jac = random_jacobian(t, p=12, seed=seed)
+    gram = torch.tensor(jac @ jac.T)
+    expected = aggregation.DualProjWeighting()(gram)
+    torch.testing.assert_close(DualProj().weights(gram, torch.ones(t)), expected, rtol=1e-6, atol=1e-8)
+    d = direction(DualProj(reg_eps=0.0), jac)  # unregularised: exactly in the dual cone
+    assert (jac @ d >= -1e-9 * np.linalg.norm(jac, axis=1) * np.linalg.norm(d)).all()
+
+
+def test_dualproj_keeps_a_mean_that_conflicts_with_no_task():
+    jac = np.array([[1.0, 0.2], [0.3, 1.0]])
+    np.testing.assert_allclose(direction(DualProj(reg_eps=0.0), jac), jac.mean(0), atol=1e-10)
+
+
+# -------------------------------------------------------------------------------------------- ConFIG
+@pytest.mark.parametrize("t,seed", [(2, 0), (3, 1), (5, 2), (8, 3)])
+def test_config_matches_torchjd(t, seed):
+    """TorchJD's ConFIG (pseudo-inverse of the unit rows, adapted from the official code) on J."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    jac = random_jacobian(t, p=12, seed=seed) * np.linspace(0.1, 5.0, t)[:, None]
+    expected = aggregation.ConFIG()(torch.tensor(jac)).numpy()
+    np.testing.assert_allclose(direction(ConFIG(), jac), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_config_equal_cosines_and_projection_length():
+    jac = random_jacobian(4, p=9, seed=5)
+    d = direction(ConFIG(), jac)
+    cosines = jac @ d / (np.linalg.norm(jac, axis=1) * np.linalg.norm(d))
+    np.testing.assert_allclose(cosines, cosines[0], rtol=1e-10)
+    assert cosines[0] > 0
+    np.testing.assert_allclose(np.linalg.norm(d), np.sum(jac @ d) / np.linalg.norm(d), rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------- SDMGrad
+def sdmgrad_reference(jac, w, lamda=0.3, niter=20):
+    """The official MTL code's ``sdmgrad`` (OptMN-Lab/sdmgrad) in numpy: projected SGD with momentum
+    (lr 10, momentum 0.5) on ½wᵀḠw + λwᵀḠ1/T, sort-based simplex projection; returns d and w."""
+    def project(v):
+        u = np.sort(v)[::-1]
+        cssv = np.cumsum(u)
+        rho = np.nonzero(u * np.arange(1, len(v) + 1) > (cssv - 1))[0][-1]
+        return np.clip(v - (cssv[rho] - 1) / (rho + 1.0), 0, None)
+
+    gg = jac @ jac.T
+    scale = np.mean(np.sqrt(np.diag(gg) + 1e-4))
+    gg = gg / scale**2
+    g_mean = gg.mean(1)
+    buf = None
+    for _ in range(niter):
+        grad = gg @ w + lamda * g_mean
+        buf = grad if buf is None else 0.5 * buf + grad
+        w = project(w - 10 * buf)
+    d = (w @ jac + lamda * jac.mean(0)) / (1 + lamda)
+    return d, w
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_sdmgrad_matches_the_official_formula_over_steps(t):
+    method = SDMGrad()
+    w = np.ones(t) / t
+    for step in range(3):  # w carries over between steps
+        jac = random_jacobian(t, p=10, seed=10 * t + step) * (0.05 if step == 1 else 1.0)
+        expected, w = sdmgrad_reference(jac, w)
+        np.testing.assert_allclose(direction(method, jac), expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(method.w.numpy(), w, atol=1e-12)
+
+
+def test_simplex_projection_matches_a_qp():
+    from mtl_lightning.gradients.solvers import project_onto_simplex
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = rng.normal(size=5) * 3
+        ref = minimize(lambda x: np.sum((x - v) ** 2), np.ones(5) / 5, bounds=[(0, None)] * 5,
+                       constraints={"type": "eq", "fun": lambda x: x.sum() - 1}, method="SLSQP",
+                       options={"ftol": 1e-15, "maxiter": 500}).x
+        np.testing.assert_allclose(project_onto_simplex(torch.tensor(v)).numpy(), ref, atol=1e-6)

@@ -108,10 +108,13 @@ def test_identical_gradients_give_their_common_direction(cls):
 @pytest.mark.parametrize("t,seed", [(2, 0), (3, 1), (5, 2), (5, 3)])
 def test_no_task_gradient_conflicts_with_the_update(cls, t, seed):
     jac = conflicting_jacobian(t, seed=seed)
-    d, _ = aggregate(cls(), jac)
+    method = cls()
+    d, w = aggregate(method, jac)
     assert float(d.norm()) > 0
-    # UPGrad and DualProj regularise the Gramian by 1e-4·I (TorchJD's default): a relative slack.
-    assert bool((jac @ d >= -1e-4 * jac.norm(dim=1) * d.norm()).all()), (jac @ d).tolist()
+    # A method solving on M/tr(M) + εI (UPGrad, DualProj: TorchJD's reg_eps) guarantees g_t·d ≥ −ε·tr(M)·w_t
+    # (its KKT conditions); the others g_t·d ≥ 0, up to rounding.
+    slack = (getattr(method, "reg_eps", 0.0) + 1e-12) * float(jac.square().sum()) * w.abs()
+    assert bool((jac @ d >= -slack).all()), ((jac @ d).tolist(), slack.tolist())
 
 
 @pytest.mark.parametrize("cls", promising("task_scale_invariant_direction"))
