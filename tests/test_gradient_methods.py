@@ -620,7 +620,7 @@ def test_simplex_projection_matches_a_qp():
     rng = np.random.default_rng(0)
     for _ in range(20):
         v = rng.normal(size=5) * 3
-        ref = minimize(lambda x: np.sum((x - v) ** 2), np.ones(5) / 5, bounds=[(0, None)] * 5,
+        ref = minimize(lambda x, v=v: np.sum((x - v) ** 2), np.ones(5) / 5, bounds=[(0, None)] * 5,
                        constraints={"type": "eq", "fun": lambda x: x.sum() - 1}, method="SLSQP",
                        options={"ftol": 1e-15, "maxiter": 500}).x
         np.testing.assert_allclose(project_onto_simplex(torch.tensor(v)).numpy(), ref, atol=1e-6)

@@ -60,7 +60,7 @@ def cosine(a: Tensor, b: Tensor) -> float:
 # ----------------------------------------------------------------------------------- the registry
 def test_registry_lists_every_method_module_and_only_known_properties():
     # Every module of mtl_lightning.gradients but the machinery defines one registered method.
-    machinery = {"base", "solvers", "torchjd"}
+    machinery = {"base", "solvers", "torchjd_adapter"}
     modules = [m.name for m in pkgutil.iter_modules(gradients_package.__path__) if m.name not in machinery]
     defined = {cls.__module__.rpartition(".")[2] for cls in METHODS.values()}
     assert sorted(defined) == sorted(modules)
@@ -69,6 +69,7 @@ def test_registry_lists_every_method_module_and_only_known_properties():
         assert lookup(name) is cls
     assert {"EqualWeighting", "FAMO", "NashMTL", "UPGrad"} <= set(balancing_methods())
     assert "EW" not in balancing_methods() and "GradientBalancer" not in balancing_methods()
+    assert "TorchJDWeighting" not in balancing_methods()  # an adapter: a method once given a weighting
 
 
 def test_every_registered_gradient_method_builds_with_defaults_and_has_a_docstring_example():
@@ -175,3 +176,11 @@ def test_degenerate_jacobians_give_finite_updates(cls, case, dtype):
         d, w = aggregate(method, jac)
         assert d.dtype == dtype
         assert bool(torch.isfinite(d).all()) and bool(torch.isfinite(w).all()), (d, w)
+
+
+def test_the_docs_method_table_has_a_row_per_registered_method():
+    from pathlib import Path
+
+    table = (Path(__file__).parent.parent / "docs" / "balancing.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().split()[0].strip("`") for line in table.splitlines() if line.startswith("| `")}
+    assert set(balancing_methods()) <= rows, sorted(set(balancing_methods()) - rows)

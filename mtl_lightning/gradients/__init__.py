@@ -25,6 +25,7 @@ from mtl_lightning.gradients.mgda import MGDA
 from mtl_lightning.gradients.nash_mtl import NashMTL
 from mtl_lightning.gradients.pcgrad import PCGrad
 from mtl_lightning.gradients.sdmgrad import SDMGrad
+from mtl_lightning.gradients.torchjd_adapter import TorchJDWeighting
 from mtl_lightning.gradients.upgrad import UPGrad
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
     "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad",
+    "TorchJDWeighting",
 ]

@@ -12,7 +12,7 @@ from mtl_lightning.gradients.solvers import power_balance, warm_start
 
 
 class FairGrad(GradientBalancer):
-    """w > 0 with M w = w^(−1/α); d = Σ_t w_t g_t (α = 1 is Nash-MTL's condition without its normalisation).
+    """w > 0 with M w = w^(−1/α); d = Σ_t w_t g_t (α = 1 is Nash-MTL's bargaining condition).
 
     The official code solves the system with scipy's ``least_squares`` from w = 1/T; here Newton
     iterations in torch, warm-started from the last step's solution (the solution is unique).
