@@ -10,32 +10,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from helpers import quiet_trainer
-from mtl_lightning.gradients import (
-    CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
-)
+from mtl_lightning.gradients import CAGrad, MGDA
 from mtl_lightning.models.encoders import MLP
 from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.registry import gradient_methods
 from mtl_lightning.tasks import ClassificationTask
 
 TASKS = ("a", "b", "c")
 
-#: Every method (and the rep-mode variants worth covering), by test id.
+#: Every registered method in its default mode, and the rep-mode variants worth covering, by test id.
 METHODS: dict[str, Callable[[], pl.Callback]] = {
-    "MGDA": MGDA,
+    **gradient_methods(),
     "MGDA-UB": partial(MGDA, mode="rep"),
-    "PCGrad": PCGrad,
-    "GradVac": GradVac,
-    "GradDrop": GradDrop,
-    "CAGrad": CAGrad,
     "CAGrad-rep": partial(CAGrad, mode="rep"),
-    "NashMTL": NashMTL,
-    "IMTLG": IMTLG,
-    "AlignedMTL": AlignedMTL,
-    "UPGrad": UPGrad,
-    "DBMTL": DBMTL,
-    "FairGrad": FairGrad,
 }
-PARAM_MODE = [n for n in METHODS if n not in ("MGDA-UB", "GradDrop", "CAGrad-rep")]
+PARAM_MODE = [n for n in METHODS if METHODS[n]().mode == "param"]
 
 
 def make_batches(steps: int, batch_size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -1,7 +1,7 @@
 """Every docstring example of the method packages runs as a doctest.
 
 The examples are the ``>>>`` blocks in the docstrings of ``mtl_lightning.balancing``,
-``mtl_lightning.gradients``, ``mtl_lightning.architectures`` and ``mtl_lightning.metrics`` (rendered
+``mtl_lightning.gradients``, ``mtl_lightning.architectures`` and ``mtl_lightning.metrics``, and of the method registry (rendered
 on the docs site). Each docstring is one test; a wrong printed value fails it.
 """
 
@@ -15,11 +15,12 @@ import pytest
 import torch
 
 PACKAGES = ("mtl_lightning.balancing", "mtl_lightning.gradients", "mtl_lightning.architectures", "mtl_lightning.metrics")
+MODULES = ("mtl_lightning.registry",)
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 def _modules() -> list[str]:
-    names = []
+    names = list(MODULES)
     for package in PACKAGES:
         pkg = importlib.import_module(package)
         names.append(package)

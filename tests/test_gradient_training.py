@@ -1,5 +1,6 @@
 """Gradient methods inside Lightning: DDP equivalence, accumulation, resume, fp16 loss scaling, learning."""
 
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,7 +13,9 @@ from gradient_helpers import (
 )
 from helpers import run_ddp_worker
 from mtl_lightning.data import MultiDigitsDataModule
-from mtl_lightning.gradients import FairGrad, GradDrop, GradVac, MGDA, NashMTL, PCGrad, DBMTL, IMTLG
+from mtl_lightning.gradients import (
+    ConFIG, DBMTL, DualProj, FairGrad, GradDrop, GradVac, IMTLG, MGDA, NashMTL, PCGrad, SDMGrad,
+)
 from mtl_lightning.models.encoders import MLP
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.tasks import ClassificationTask
@@ -46,7 +49,7 @@ def test_param_mode_accumulation_equals_the_full_batch(method):
     torch.testing.assert_close(accumulated, full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["PCGrad", "GradVac", "GradDrop", "NashMTL", "DBMTL"])
+@pytest.mark.parametrize("method", ["PCGrad", "GradVac", "GradDrop", "NashMTL", "DBMTL", "SDMGrad"])
 def test_stateful_methods_resume_exactly(method, tmp_path):
     batches = make_batches(2, 16)  # two steps per epoch
     straight = make_module()
@@ -69,7 +72,7 @@ def _fp16(scale: float) -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6))
 
 
-@pytest.mark.parametrize("method", [FairGrad, DBMTL, IMTLG, NashMTL, GradDrop])
+@pytest.mark.parametrize("method", [FairGrad, DBMTL, IMTLG, NashMTL, GradDrop, SDMGrad])
 def test_fp16_loss_scale_does_not_change_scale_dependent_methods(method):
     batches = make_batches(3, 16)
     unit = train(method(), batches, plugins=[_fp16(1.0)])
@@ -94,8 +97,8 @@ def test_missing_task_in_a_batch_names_it():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [lambda: NashMTL(), lambda: MGDA(mode="rep"), lambda: GradVac()],
-                         ids=["NashMTL", "MGDA-UB", "GradVac"])
+@pytest.mark.parametrize("method", [NashMTL, partial(MGDA, mode="rep"), GradVac, DualProj, ConFIG, SDMGrad],
+                         ids=["NashMTL", "MGDA-UB", "GradVac", "DualProj", "ConFIG", "SDMGrad"])
 def test_gradient_method_learns_multidigits(method):
     pl.seed_everything(0)
     module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),

@@ -51,18 +51,12 @@ from torch.utils.data import DataLoader
 
 from mtl_lightning.balancing import EqualWeighting
 from mtl_lightning.core import MultiTaskStep, TorchBackend
-from mtl_lightning.gradients import (
-    CAGrad, DBMTL, FairGrad, GradDrop, GradVac, IMTLG, MGDA, AlignedMTL, NashMTL, PCGrad, UPGrad,
-)
 from mtl_lightning.models.encoders import MLP
 from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.registry import gradient_methods
 from mtl_lightning.tasks import ClassificationTask
 
-METHODS: dict[str, Callable[..., object]] = {
-    "MGDA": MGDA, "PCGrad": PCGrad, "GradVac": GradVac, "GradDrop": GradDrop, "CAGrad": CAGrad,
-    "NashMTL": NashMTL, "IMTLG": IMTLG, "AlignedMTL": AlignedMTL, "UPGrad": UPGrad, "DBMTL": DBMTL,
-    "FairGrad": FairGrad,
-}
+METHODS: dict[str, Callable[..., object]] = dict(gradient_methods())  # every registered gradient method
 
 
 def build(num_tasks: int, device: str) -> tuple[MultiTaskModule, dict[str, torch.Tensor]]:

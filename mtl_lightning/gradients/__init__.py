@@ -5,7 +5,9 @@ Every method is a Lightning callback (configure one under ``trainer.callbacks``)
 from mtl_lightning.gradients.aligned_mtl import AlignedMTL
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.cagrad import CAGrad
+from mtl_lightning.gradients.config import ConFIG
 from mtl_lightning.gradients.db_mtl import DBMTL
+from mtl_lightning.gradients.dualproj import DualProj
 from mtl_lightning.core.engine import (
     combine,
     flatten_jacobian,
@@ -22,11 +24,14 @@ from mtl_lightning.gradients.imtl_g import IMTLG
 from mtl_lightning.gradients.mgda import MGDA
 from mtl_lightning.gradients.nash_mtl import NashMTL
 from mtl_lightning.gradients.pcgrad import PCGrad
+from mtl_lightning.gradients.sdmgrad import SDMGrad
+from mtl_lightning.gradients.torchjd_adapter import TorchJDWeighting
 from mtl_lightning.gradients.upgrad import UPGrad
 
 __all__ = [
     "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
     "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
-    "UPGrad", "DBMTL", "FairGrad",
+    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad",
+    "TorchJDWeighting",
 ]

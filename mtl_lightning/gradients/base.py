@@ -36,6 +36,16 @@ from mtl_lightning.core.engine import combine, gramian, per_task_gradients, repr
 
 MODES = ("param", "rep")
 
+#: The properties of its paper's update that a gradient method may promise (:attr:`GradientBalancer.promises`),
+#: each checked for every registered method by ``tests/test_method_properties.py``.
+PROPERTIES: dict[str, str] = {
+    "permutation_equivariant": "permuting the tasks permutes the weights (and leaves the update unchanged)",
+    "single_task_gradient": "with one task the update is a positive multiple of its gradient",
+    "identical_gradients": "T identical gradients give a positive multiple of their common direction",
+    "non_conflicting": "no task's loss increases to first order: g_t·d ≥ 0 for every t (linearly independent g_t)",
+    "task_scale_invariant_direction": "rescaling each task's gradient by its own c_t > 0 leaves the direction of d unchanged",
+}
+
 
 class GradientBalancer(BalancingMethod):
     """A balancing method that combines the per-task gradients of every step.
@@ -53,6 +63,10 @@ class GradientBalancer(BalancingMethod):
     #: False for methods that aggregate J without its Gramian (they get ``gramian=None``): the
     #: Gramian is a full pass over the T×P Jacobian.
     uses_gramian: ClassVar[bool] = True
+    #: The properties of :data:`PROPERTIES` the method's paper promises (a method lacking one says why
+    #: where it removes it); the method registry's property suite checks each.
+    promises: ClassVar[frozenset[str]] = frozenset(
+        {"permutation_equivariant", "single_task_gradient", "identical_gradients"})
 
     def __init__(self, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__()
@@ -79,6 +93,13 @@ class GradientBalancer(BalancingMethod):
                 f"{self.name} arbitrates the parameters shared by all tasks, and {type(arch).__name__} has none "
                 "trainable (frozen, or each task has its own). Use a loss-weighting method (e.g. EqualWeighting)."
             )
+
+    @property
+    def scale_exponent(self) -> Optional[float]:
+        """k such that rescaling every task gradient by c > 0 rescales the update by c^k (the paper's
+        scaling law: 1 for a weighting invariant to a common scale, 0 for an update that does not
+        change); None where the method has no such law."""
+        return 1.0
 
     # -- what a method implements ---------------------------------------------------------------
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from mtl_lightning.gradients.solvers import power_balance, warm_start
 
 
 class FairGrad(GradientBalancer):
-    """w > 0 with M w = w^(−1/α); d = Σ_t w_t g_t (α = 1 is Nash-MTL's condition without its normalisation).
+    """w > 0 with M w = w^(−1/α); d = Σ_t w_t g_t (α = 1 is Nash-MTL's bargaining condition).
 
     The official code solves the system with scipy's ``least_squares`` from w = 1/T; here Newton
     iterations in torch, warm-started from the last step's solution (the solution is unique).
@@ -48,6 +48,13 @@ class FairGrad(GradientBalancer):
         self.iterations = iterations
         self.max_norm = max_norm
         self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
+
+    promises = GradientBalancer.promises | {"non_conflicting"}  # g_t·d = w_t^(−1/α) > 0
+
+    @property
+    def scale_exponent(self) -> Optional[float]:
+        """M → c²M gives w → c^(−2α/(1+α))w, so d → c^((1−α)/(1+α))d (Nash-MTL's 0 at α = 1); none when clipped."""
+        return (1 - self.alpha) / (1 + self.alpha) if self.max_norm == 0 else None
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]

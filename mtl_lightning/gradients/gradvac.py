@@ -41,6 +41,9 @@ class GradVac(GradientBalancer):
         [1.622, 1.311]
     """
 
+    # Each task draws its own random partner order: equivariant only in distribution.
+    promises = GradientBalancer.promises - {"permutation_equivariant"}
+
     def __init__(self, beta: float = 0.5, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__(mode, batched)
         if not 0.0 <= beta <= 1.0:

@@ -33,6 +33,8 @@ class IMTLG(GradientBalancer):
         [0.1716, 0.1716]
     """
 
+    promises = GradientBalancer.promises | {"task_scale_invariant_direction"}  # d·u_t equal: fixed by the units
+
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]
         if t == 1:

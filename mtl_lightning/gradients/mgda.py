@@ -45,6 +45,8 @@ class MGDA(GradientBalancer):
         [0.2, 0.2]
     """
 
+    promises = GradientBalancer.promises | {"non_conflicting"}  # g_t·d ≥ ‖d‖² (the min-norm point of the hull)
+
     def __init__(self, normalization: str = "none", iterations: Optional[int] = None, mode: Optional[str] = None,
                  batched: bool = True) -> None:
         super().__init__(mode, batched)

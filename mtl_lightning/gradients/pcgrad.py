@@ -33,6 +33,9 @@ class PCGrad(GradientBalancer):
         ([0.5, 1.5], [0.5, 1.0])
     """
 
+    # Each task draws its own random partner order: equivariant only in distribution.
+    promises = GradientBalancer.promises - {"permutation_equivariant"}
+
     def __init__(self, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__(mode, batched)
         self.generator = Generator(seed)

@@ -316,22 +316,35 @@ def _cagrad_pair_weights(m: Tensor, b: Tensor, c: Tensor) -> Tensor:
 def dual_cone_weights(gramian: Tensor, iterations: Optional[int] = None, start: Optional[Tensor] = None) -> Tensor:
     """Row i: v_i = argmin_v vᵀMv subject to v ≥ e_i, for every i at once (UPGrad, arXiv 2406.16232).
 
-    Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. Solved as T non-negative
-    quadratic programs in u = v − e_i by the active-set method, from ``start`` (a previous solution
-    v; default v = I), within ``iterations`` active-set steps (default 2T + 4); the closed form for
-    T = 2. ``gramian`` should be normalised and regularised (positive definite) by the caller, as
+    Jᵀv_i is the projection of g_i onto the dual cone {x : Jx ≥ 0}. :func:`dual_cone_projection`
+    with the lower bounds I, from ``start`` (a previous solution v; default v = I); the closed form
+    for T = 2. ``gramian`` should be normalised and regularised (positive definite) by the caller, as
     TorchJD does.
     """
     m = gramian.double()
-    t = m.shape[0]
-    if t == 2:
+    if m.shape[0] == 2:
         return _dual_cone_pair(m)
+    return dual_cone_projection(m, torch.eye(m.shape[0], dtype=m.dtype, device=m.device), iterations, start)
+
+
+def dual_cone_projection(gramian: Tensor, lower: Tensor, iterations: Optional[int] = None,
+                         start: Optional[Tensor] = None) -> Tensor:
+    """Row b: v_b = argmin_v vᵀMv subject to v ≥ u_b (``lower`` (B, T)), so that Jᵀv_b is the
+    projection of Jᵀu_b onto the dual cone {x : Jx ≥ 0} (Proposition 1 of arXiv 2406.16232).
+
+    Solved as B non-negative quadratic programs in x = v − u_b by the active-set method, from
+    ``start`` (a previous solution v, or ``lower``), within ``iterations`` active-set steps (default
+    2T + 4).
+    """
+    m = gramian.double()
+    lower = lower.to(m.dtype)
+    t = m.shape[0]
     eye = torch.eye(t, dtype=m.dtype, device=m.device)
     hessian = 2 * m + 1e-12 * m.diagonal().abs().max().clamp_min(1e-30) * eye  # regular even for reg_eps = 0
-    u = (warm_start(start, eye) - eye).clamp_min(0)
+    x = (warm_start(start, lower) - lower).clamp_min(0)
     budget = 2 * t + 4 if iterations is None else iterations
-    # ½(u + e_i)ᵀH(u + e_i) = ½uᵀHu + (He_i)ᵀu + const: row i's linear term is row i of H.
-    return active_set_qp(hessian, hessian, u, simplex=False, iterations=budget) + eye
+    # ½(x + u)ᵀH(x + u) = ½xᵀHx + (Hu)ᵀx + const: row b's linear term is H u_b.
+    return active_set_qp(hessian, lower @ hessian, x, simplex=False, iterations=budget) + lower
 
 
 def _dual_cone_pair(m: Tensor) -> Tensor:
@@ -414,3 +427,13 @@ def _nash_pair_weights(m: Tensor) -> Tensor:
     norms = m.diagonal().sqrt()
     product = norms[0] * norms[1]
     return (norms.flip(0) / (norms * (product + m[0, 1]))).sqrt()
+
+
+def project_onto_simplex(v: Tensor) -> Tensor:
+    """The Euclidean projection of ``v`` (T,) onto the probability simplex (sort-based, exact):
+    (v − θ)₊ with θ = (Σ_{k≤ρ} u_k − 1)/ρ, u = v sorted in decreasing order, ρ the largest k with
+    u_k > (Σ_{j≤k} u_j − 1)/k."""
+    u = torch.sort(v, descending=True).values
+    thresholds = (u.cumsum(0) - 1) / torch.arange(1, v.shape[0] + 1, dtype=v.dtype, device=v.device)
+    rho = (u > thresholds).sum().clamp_min(1) - 1  # u_1 > u_1 − 1: at least one
+    return (v - thresholds[rho]).clamp_min(0)

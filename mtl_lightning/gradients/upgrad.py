@@ -36,6 +36,8 @@ class UPGrad(GradientBalancer):
         True
     """
 
+    promises = GradientBalancer.promises | {"non_conflicting"}
+
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: Optional[int] = None,
                  mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__(mode, batched)

@@ -40,6 +40,7 @@ from mtl_lightning.balancing.base import BalancingMethod
 from mtl_lightning.core import MultiTaskStep, TorchBackend
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.registry import lookup
 from mtl_lightning.tasks.task import MetricSpec, Task
 
 #: Start points of the Nash-MTL / FAMO figures.
@@ -244,30 +245,19 @@ def _lightning_run(module: TwoObjectiveModule, method: BalancingMethod, steps: i
     trainer.fit(module, train_dataloaders=loader)
 
 
-def _short(name: str) -> str:
-    return name.lower().replace("_", "").replace("-", "")
-
-
 def resolve_method(name: str) -> type[BalancingMethod]:
-    """A balancing class from a short name (``famo``, ``EW``, ``nash_mtl``…: the class name, case,
-    ``_`` and ``-`` ignored, looked up in ``mtl_lightning.balancing`` and ``mtl_lightning.gradients``)
-    or a dotted path (``my_pkg.methods.MyMethod``)."""
+    """A balancing class from a short name (``famo``, ``EW``, ``nash_mtl``…: a method of the registry,
+    :func:`mtl_lightning.registry.lookup`) or a dotted path (``my_pkg.methods.MyMethod``)."""
     if "." in name:
         module_name, _, cls_name = name.rpartition(".")
         cls = getattr(importlib.import_module(module_name), cls_name, None)
         if isinstance(cls, type) and issubclass(cls, BalancingMethod):
             return cls
         raise ValueError(f"{name!r} is not a BalancingMethod class.")
-    known: dict[str, type[BalancingMethod]] = {}
-    for package in ("mtl_lightning.balancing", "mtl_lightning.gradients"):
-        mod = importlib.import_module(package)
-        for attr in getattr(mod, "__all__", dir(mod)):
-            obj = getattr(mod, attr, None)
-            if isinstance(obj, type) and issubclass(obj, BalancingMethod) and obj.backward is not BalancingMethod.backward:
-                known.setdefault(_short(attr), obj)
-    if _short(name) not in known:
-        raise ValueError(f"Unknown balancing method {name!r}; known: {sorted(known)} (or give a dotted class path).")
-    return known[_short(name)]
+    try:
+        return lookup(name)
+    except ValueError as error:
+        raise ValueError(f"{error} (or give a dotted class path)") from None
 
 
 def build_method(name: str) -> BalancingMethod:
