@@ -38,10 +38,11 @@ STEPS, EVERY, PAUSE = 12, 3, 5
 DATA_KEY = "MultiDigitsDataModule"  # where Lightning keeps the data module's state (the training position)
 
 
-def _config(path: Path, root: Path, every: int = EVERY, save_top_k: int = -1, extra: tuple[dict, ...] = ()) -> str:
+def _config(path: Path, root: Path, every: int = EVERY, save_top_k: int = -1, save_last: bool = True,
+            extra: tuple[dict, ...] = ()) -> str:
     """A config file: the run's folder, a step-triggered ModelCheckpoint and extra callbacks."""
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"every_n_train_steps": every, "save_last": True, "save_top_k": save_top_k}}, *extra]
+                  "init_args": {"every_n_train_steps": every, "save_last": save_last, "save_top_k": save_top_k}}, *extra]
     path.write_text(yaml.safe_dump({"trainer": {"default_root_dir": str(root), "callbacks": callbacks}}))
     return str(path)
 
@@ -131,7 +132,7 @@ def _pause(marker: Path) -> dict:
 def straight(tmp_path_factory) -> dict[int, dict[str, Any]]:
     """The uninterrupted run: its checkpoint after every step, by step."""
     folder = tmp_path_factory.mktemp("straight")
-    run = _fit(folder, "straight", _config(folder / "straight.yaml", folder / "run", every=1))
+    run = _fit(folder, "straight", _config(folder / "straight.yaml", folder / "run", every=1, save_last=False))
     assert run.wait() == 0, run.output()[-3000:]
     return {step: _load(_step_checkpoint(folder / "run" / "checkpoints", step)) for step in (3, PAUSE, STEPS)}
 
