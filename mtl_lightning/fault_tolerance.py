@@ -26,10 +26,6 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_registry import _is_registry
 
-#: Signals that stop a run gracefully (SIGUSR1 only where nothing else handles it, e.g. not under
-#: Lightning's SLURM auto-requeue, which keeps its own SIGUSR1 handler).
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
-
 #: Attribute set on an exception that ends a run for a known reason: the one message to print for it.
 RUN_ERROR_ATTR = "_mtl_run_error"
 
@@ -208,7 +204,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
-        if weights_only is False or not _is_local_file_protocol(str(path)):
+        if weights_only is False or not _is_local_file_protocol(str(path)) or not os.path.exists(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         return read_checkpoint(str(path), map_location=map_location)
 
