@@ -11,6 +11,7 @@ from typing import Any, NoReturn, Optional
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mtl_lightning.fault_tolerance import RUN_ERROR_ATTR, FaultTolerance, check_resume_checkpoint, read_checkpoint
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.summary import RunSummary
 from mtl_lightning.tasks.task import TaskConfigError
@@ -154,11 +155,16 @@ class MTLCLI(LightningCLI):
     ``gradient_clip_algorithm`` / ``accumulate_grad_batches`` are handed to the module, which applies
     them (the module drives optimization itself). Each run saves its resolved config in its own
     folder and ends with a :class:`~mtl_lightning.summary.RunSummary` (``run_summary=False``: none).
+    Every Trainer gets :class:`~mtl_lightning.fault_tolerance.FaultTolerance` (graceful stop on
+    SIGTERM / SIGUSR1, atomic checkpoints; ``fault_tolerance=False``: not added), and ``ckpt_path`` /
+    ``model.init_from`` are checked to be readable checkpoints before anything runs.
     """
 
-    def __init__(self, args: Optional[list[str]] = None, run: bool = True, run_summary: bool = True, **kwargs: Any) -> None:
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True, run_summary: bool = True,
+                 fault_tolerance: bool = True, **kwargs: Any) -> None:
         silence_lightning_tips()
         self.run_summary = run_summary
+        self.fault_tolerance = fault_tolerance
         kwargs.setdefault("save_config_callback", RunConfigCallback)
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -182,6 +188,8 @@ class MTLCLI(LightningCLI):
         trainer, model = config.get("trainer"), config.get("model")
         if trainer is None or model is None:
             return
+        if self.subcommand == "fit":  # the model would read it only once the data is set up
+            self._check_checkpoint("model.init_from", model.get("init_from"), lambda p: read_checkpoint(p, mmap=True))
         for flag in MODULE_OPTIMIZATION_FLAGS:
             value = trainer.get(flag)
             default = 1 if flag == "accumulate_grad_batches" else None
@@ -201,7 +209,26 @@ class MTLCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if self.run_summary and not any(isinstance(cb, RunSummary) for cb in trainer.callbacks):
             trainer.callbacks.append(RunSummary())
+        if self.fault_tolerance and not any(isinstance(cb, FaultTolerance) for cb in trainer.callbacks):
+            trainer.callbacks.append(FaultTolerance())
         return trainer
+
+    @staticmethod
+    def _check_checkpoint(option: str, path: Any, check: Any) -> None:
+        if not path:
+            return
+        try:
+            check(path)
+        except ValueError as err:
+            setattr(err, _CONFIG_ERROR_ATTR, ("configuration", option, None))
+            raise
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here: first make sure it is a readable checkpoint.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self._check_checkpoint("ckpt_path", self.config[subcommand].get("ckpt_path"), check_resume_checkpoint)
+        super()._parse_ckpt_path()
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -219,21 +246,28 @@ class MTLCLI(LightningCLI):
 
 def main(args: Optional[list[str]] = None) -> None:
     """The ``mtl-lightning`` console script. A configuration error prints one message (exit status
-    2); ``--debug`` or ``MTL_LIGHTNING_TRACEBACK=1`` gives the traceback instead."""
+    2), so does a run that fails for a known reason (a non-finite loss, a checkpoint that cannot be
+    written; exit status 1); ``--debug`` or ``MTL_LIGHTNING_TRACEBACK=1`` gives the traceback instead.
+    A run stopped by SIGTERM / SIGUSR1 exits with 128 + the signal's number."""
     argv = sys.argv if args is None else list(args)  # sys.argv edited in place: LightningCLI reads it
     if "--debug" in argv[1 if args is None else 0 :]:
         argv.remove("--debug")
         os.environ[TRACEBACK_ENV] = "1"
     # A deprecation inside Lightning 2.6 with torch >= 2.10 (lightning.pytorch.utilities._pytree), not ours.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning 2.6 warns that a step-triggered checkpoint holds the weights after the step: what resuming needs.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
     try:
         MTLCLI(args=args if args is None else argv)
     except Exception as err:
+        run_error = getattr(err, RUN_ERROR_ATTR, None)
         message = config_error_message(err)
-        if message is None or traceback_requested():
+        if traceback_requested() or (message is None and run_error is None):
             raise
+        if message is None:
+            message = f"error: {run_error}\ntip: set {TRACEBACK_ENV}=1 (or pass --debug) for the full traceback"
         sys.stderr.write(message + "\n")
-        sys.exit(2)
+        sys.exit(2 if run_error is None else 1)
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()  # the run is complete: a later main() in this process starts a new one

@@ -28,6 +28,7 @@ from mtl_lightning.balancing.equal import EqualWeighting
 from mtl_lightning.core.context import TrainingLosses
 from mtl_lightning.core.step import MultiTaskStep
 from mtl_lightning.data.datamodule import dataset_labels
+from mtl_lightning.fault_tolerance import read_checkpoint
 from mtl_lightning.metrics.delta import delta_mtl
 from mtl_lightning.models.backend import LightningBackend
 from mtl_lightning.tasks.task import Task, TaskConfigError
@@ -451,10 +452,7 @@ class MultiTaskModule(pl.LightningModule):
         Shared and mixing parameters must all be in the checkpoint; a task's own parts (its head,
         its gate, tower or attention modules) start fresh when the checkpoint has none for it.
         """
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # unreadable file, or objects that weights_only refuses to unpickle
-            raise ValueError(f"init_from={path!r}: cannot read it as a checkpoint of weights ({error}).") from None
+        checkpoint = read_checkpoint(path, what="init_from")  # weights_only=True; a clear error naming the file
         state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, Mapping) else {}
         own_state = self.state_dict()
         roles = self.architecture.parameter_roles()
