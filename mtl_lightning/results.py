@@ -217,8 +217,9 @@ def format_table(table: Table, fmt: str = "md", digits: int = 4) -> str:
     if fmt == "latex":
         arrows = {True: r"$\uparrow$", False: r"$\downarrow$"}
         lines = [r"\begin{tabular}{l" + "c" * len(table.columns) + "}", r"\toprule"]
-        lines.append(" & ".join(["Method", *(f"{_latex_escape(c.label)} {arrows[c.higher_is_better]}" for c in table.columns)])
-                     + r" \\")
+        names = {"delta_m": r"$\Delta_m$ \%", "delta_mtl": r"$\Delta_{\mathrm{MTL}}$ \%"}
+        head = [names.get(c.key) or _latex_escape(c.label) for c in table.columns]
+        lines.append(" & ".join(["Method", *(f"{h} {arrows[c.higher_is_better]}" for h, c in zip(head, table.columns))]) + r" \\")
         lines.append(r"\midrule")
         for row in table.rows:
             cells = [_latex_escape(row.method)]
