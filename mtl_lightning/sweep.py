@@ -436,7 +436,9 @@ def launch_slurm(
     return submitted
 
 
-def wandb_sweep_config(grid_path: str, configs: Sequence[str], root: str, grid: dict[str, Any]) -> dict[str, Any]:
+def wandb_sweep_config(
+    grid_path: str, configs: Sequence[str], root: str, grid: dict[str, Any], set_options: Sequence[str] = (),
+) -> dict[str, Any]:
     """A W&B sweep config (``method: grid``) over the grid's methods, seeds and grid options whose
     agent runs ``mtl-lightning sweep --agent``: each W&B run is the same run, in the same folder,
     as ``--launcher local`` would make."""
@@ -445,6 +447,8 @@ def wandb_sweep_config(grid_path: str, configs: Sequence[str], root: str, grid: 
     command = ["${env}", "${interpreter}", "-m", "mtl_lightning", "sweep"]
     for path in configs:
         command += ["--config", os.path.abspath(path)]
+    for item in set_options:
+        command += ["--set", item]
     command += ["--grid", os.path.abspath(grid_path), "--root", os.path.abspath(root), "--agent", "${args}"]
     project = grid["wandb"].get("project", "mtl-lightning") if isinstance(grid["wandb"], dict) else "mtl-lightning"
     return {"name": grid["name"], "project": project, "method": "grid", "parameters": parameters, "command": command}
@@ -476,6 +480,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--root", help="output root (default runs/sweeps/<grid name>)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (local) or the array's parallelism (slurm)")
     parser.add_argument("--launcher", choices=("local", "slurm", "wandb"), default="local")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
+                        help="a dotted option for every run, after all configs (value: YAML/JSON); repeatable")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only (no W&B logger)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
     parser.add_argument("--cluster", choices=("slurm", "local", "debug"), help="slurm launcher: where the jobs run")
@@ -497,6 +503,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if args.jobs < 1:
             raise SweepError(f"--jobs {args.jobs}: expected at least 1.")
         grid = load_grid(args.grid)
+        for item in args.set_options:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SweepError(f"--set {item!r}: expected KEY=VALUE (a dotted option such as trainer.max_epochs=2).")
+            _check_options({key: None}, f"--set {item!r}")
+            grid["set"][key] = _parse_value(value)
         root = args.root or os.path.join("runs", "sweeps", grid["name"])
         runs = expand(grid, args.config, root, wandb=False if args.no_wandb else None)
         if args.agent:
@@ -514,7 +526,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out, "w") as f:
                 f.write(f"# W&B sweep over {args.grid}: wandb sweep {out}; then wandb agent <entity/project/sweep id>\n")
-                yaml.safe_dump(wandb_sweep_config(args.grid, args.config or grid["config"], root, grid), f, sort_keys=False)
+                config = wandb_sweep_config(args.grid, args.config or grid["config"], root, grid, args.set_options)
+                yaml.safe_dump(config, f, sort_keys=False)
             print(f"Wrote {out} ({len(runs)} runs). Start it with: wandb sweep {out}  then: wandb agent <sweep id>")
             return
         os.makedirs(root, exist_ok=True)
