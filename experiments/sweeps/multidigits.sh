@@ -8,9 +8,9 @@ ROOT=${1:-runs/sweeps/multidigits}
 JOBS=${2:-2}
 PY=${PYTHON:-python}
 BUDGET=(--trainer.max_epochs 3 --data.init_args.num_train 5000 --seed_everything 0 --trainer.enable_progress_bar false)
-# (their configs go to $ROOT/baselines/, not to the working directory)
 mkdir -p "$ROOT"
-# 1. Each task alone, same encoder, data and budget: validation metrics -> baselines.yaml (once).
+# 1. Each task alone, same encoder, data and budget: validation metrics -> baselines.yaml (once;
+#    the baseline runs keep their configs in $ROOT/baselines/).
 [ -f "$ROOT/baselines.yaml" ] || "$PY" -m mtl_lightning.monitoring.baselines \
     --config experiments/multidigits/ew.yaml --out "$ROOT/baselines.yaml" "${BUDGET[@]}" --trainer.default_root_dir "$ROOT/baselines"
 # 2. The base config's tasks with those baselines (JSON), for Δm / Δ_MTL in every run.
