@@ -324,6 +324,8 @@ def run_one(folder: str, on_trainer: Any = None) -> dict[str, Any]:
     trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     summary = next(cb for cb in trainer.callbacks if isinstance(cb, RunSummary))
+    if not trainer.is_global_zero:
+        return {}
     record = summary.write_results(
         run.results_path, run=run.name, group=run.group, method=run.method, seed=run.seed, options=run.options,
         sweep=run.sweep, configs=run.configs, wall_time_s=round(time.time() - start, 1),
@@ -423,6 +425,9 @@ def launch_slurm(
     executor = submitit.AutoExecutor(folder=os.path.join(root, ".submitit", "%j"), cluster=cluster)
     params = {"name": os.path.basename(os.path.abspath(root)), "timeout_min": 60, "tasks_per_node": 1, "nodes": 1,
               "slurm_array_parallelism": max(1, jobs), "slurm_signal_delay_s": 90, **(parameters or {})}
+    if params.get("tasks_per_node") != 1 or params.get("nodes") != 1:
+        raise SweepError("--slurm: a sweep runs one process per run (tasks_per_node=1, nodes=1); "
+                         "for a multi-GPU / multi-node DDP run use experiments/slurm/ddp.sbatch.")
     if executor.cluster != "slurm":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     try:
