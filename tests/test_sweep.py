@@ -182,6 +182,13 @@ def test_submitit_job_requeues_on_preemption_and_resumes_its_checkpoint(tmp_path
     assert "Requeued" in (job.stderr() or "") + (job.stdout() or "")
 
 
+def test_slurm_sweep_jobs_are_one_process_each(tmp_path):
+    pytest.importorskip("submitit")
+    runs = expand(load_grid(_grid(tmp_path / "g.yaml", seeds=[0])), [EW], str(tmp_path / "out"))
+    with pytest.raises(SweepError, match=r"--slurm: a sweep runs one process per run .*ddp\.sbatch"):
+        launch_slurm(runs, str(tmp_path / "out"), 1, cluster="local", parameters={"tasks_per_node": 2})
+
+
 def test_wandb_launcher_writes_a_sweep_config_whose_agent_runs_the_same_runs(tmp_path, capsys):
     grid = _grid(tmp_path / "grid.yaml", name="wb", methods={"ew": {}, "famo": FAMO}, seeds=[0, 1, 2],
                  grid={"model.optimizer.init_args.lr": [0.001, 0.002]}, wandb={"project": "mtl-demo"})
