@@ -49,6 +49,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
@@ -338,7 +339,8 @@ def run_one(folder: str, on_trainer: Any = None) -> dict[str, Any]:
 def run_local(runs: Sequence[Run], jobs: int = 1) -> dict[str, str]:
     """Run the unfinished runs, ``jobs`` processes at once (each ``python -m mtl_lightning.sweep
     --run <folder>``, output in ``<folder>/log.txt``). Returns ``{run name: status}`` with status
-    ``skipped`` (finished before), ``done`` or ``failed (exit N)``."""
+    ``skipped`` (finished before), ``done``, ``failed (exit N)`` or ``not started`` (after a run
+    failed on its configuration, exit status 2, no further run starts: they would fail alike)."""
     status = {r.name: "skipped" for r in runs if r.finished}
     pending = [r for r in runs if not r.finished]
     env = dict(os.environ)
@@ -347,13 +349,19 @@ def run_local(runs: Sequence[Run], jobs: int = 1) -> dict[str, str]:
     if status:
         print(f"[sweep] {len(status)} finished run(s) skipped (their {RESULTS_FILE} exists)", flush=True)
 
-    def one(run: Run) -> tuple[Run, int, float]:
+    config_error = threading.Event()
+
+    def one(run: Run) -> tuple[Run, Optional[int], float]:
+        if config_error.is_set():
+            return run, None, 0.0
         start = time.time()
         with open(os.path.join(run.folder, LOG_FILE), "a") as log:
             log.write(f"$ {run.command()}\n")
             log.flush()
             proc = subprocess.run([sys.executable, "-m", "mtl_lightning.sweep", "--run", run.folder],
                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode == 2:
+            config_error.set()
         return run, proc.returncode, time.time() - start
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -361,9 +369,10 @@ def run_local(runs: Sequence[Run], jobs: int = 1) -> dict[str, str]:
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             run, code, seconds = future.result()
             ok = code == 0 and run.finished
-            status[run.name] = "done" if ok else f"failed (exit {code})"
-            detail = "" if ok else f": see {os.path.join(run.folder, LOG_FILE)}"
-            print(f"[sweep] {n}/{len(pending)} {run.name} {status[run.name]} ({seconds:.0f} s){detail}", flush=True)
+            status[run.name] = "done" if ok else "not started" if code is None else f"failed (exit {code})"
+            detail = "" if ok or code is None else f": see {os.path.join(run.folder, LOG_FILE)}"
+            took = "" if code is None else f" ({seconds:.0f} s)"
+            print(f"[sweep] {n}/{len(pending)} {run.name} {status[run.name]}{took}{detail}", flush=True)
     return {r.name: status[r.name] for r in runs}
 
 
@@ -501,7 +510,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if rest and not args.agent:
             raise SweepError(f"unrecognized arguments: {' '.join(rest)}")
         if args.run:
-            run_one(args.run)
+            from mtl_lightning.cli import config_error_message, traceback_requested
+
+            try:
+                run_one(args.run)
+            except Exception as err:
+                message = config_error_message(err)
+                if message is None or traceback_requested():
+                    raise
+                sys.stderr.write(message + "\n")
+                sys.exit(2)
             return
         if not args.grid:
             raise SweepError("--grid is required (the grid file: methods, seeds, options).")
@@ -560,7 +578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     sys.exit(1)
             return
         status = run_local(runs, args.jobs)
-        if any(s.startswith("failed") for s in status.values()):
+        if any(s.startswith("failed") or s == "not started" for s in status.values()):
             sys.exit(1)
     except SweepError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -103,6 +103,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_configuration_error_fails_its_run_in_one_line_and_stops_the_sweep(tmp_path, capfd, subprocess_env):
+    grid = _grid(tmp_path / "g.yaml", seeds=[0, 1], set={"model.no_such_option": 1}, wandb=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sweep", "--config", EW, "--grid", grid, "--root", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    out = capfd.readouterr().out
+    assert re.search(r"1/2 base-s0 failed \(exit 2\) \(\d+ s\): see \S+base-s0/log\.txt", out), out
+    assert "2/2 base-s1 not started\n" in out
+    log = (tmp_path / "out" / "base-s0" / "log.txt").read_text()
+    assert "no_such_option" in log and "Traceback" not in log, log
+
+
+@pytest.mark.slow
 def test_local_sweep_skips_finished_runs_resumes_crashed_ones_and_tabulates(tmp_path, capfd, subprocess_env):
     grid = _grid(tmp_path / "grid.yaml", name="tiny", methods={"ew": {}, "uw": "mtl_lightning.balancing.UW"},
                  seeds=[0, 1], set=TINY)
