@@ -111,8 +111,11 @@ def _ranks(values: dict[str, float], higher_is_better: bool) -> dict[str, float]
 
 
 def summarize(records: Sequence[dict[str, Any]], split: str = "test") -> Table:
-    """Group ``records`` by method (their ``group``) and aggregate ``split`` (see the module docstring)."""
+    """Group ``records`` by method (their ``group``) and aggregate ``split`` (see the module docstring).
+    Methods are listed in the order of the sweep (the records' ``index``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
+    # The sweep's order (methods as in the grid file) where the files have it, else their path order.
+    records = sorted(records, key=lambda r: r.get("index", 0) if isinstance(r.get("index"), int) else 0)
     for record in records:
         if split not in record["splits"]:
             raise ResultsError(f"{record['_path'] if '_path' in record else record.get('run')}: no '{split}' metrics "

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Sequence
 
 import yaml
@@ -80,7 +80,7 @@ class Run:
     args: list[str]  #: everything after ``fit`` (configs, seed, options, loggers)
     folder: str  #: the run's own folder
     sweep: str = ""  #: the sweep's name
-    extra: dict[str, Any] = field(default_factory=dict)
+    index: int = 0  #: position in the sweep (the results table lists the methods in this order)
 
     @property
     def results_path(self) -> str:
@@ -255,7 +255,7 @@ def expand(grid: dict[str, Any], configs: Sequence[str], root: str, wandb: Optio
                     args += [f"--{key}", _value_text(value)]
                 args += ["--trainer.logger", json.dumps(_loggers(folder, name, grid["name"], wandb_options))]
                 runs.append(Run(name, label, method, seed, {**spec["options"], **combo}, [*base, *spec["configs"]],
-                                args, folder, grid["name"]))
+                                args, folder, grid["name"], len(runs)))
     return runs
 
 
@@ -276,8 +276,8 @@ def load_run(folder: str) -> Run:
             data = json.load(f)
     except OSError as err:
         raise SweepError(f"{path}: {err.strerror or err}; prepare the run with mtl-lightning sweep first.") from err
-    data.pop("command", None)
-    return Run(**data)
+    names = {f.name for f in fields(Run)}
+    return Run(**{k: v for k, v in data.items() if k in names})  # a file of an older version: extra keys ignored
 
 
 def latest_checkpoint(folder: str) -> Optional[str]:
@@ -329,7 +329,7 @@ def run_one(folder: str, on_trainer: Any = None) -> dict[str, Any]:
         return {}
     record = summary.write_results(
         run.results_path, run=run.name, group=run.group, method=run.method, seed=run.seed, options=run.options,
-        sweep=run.sweep, configs=run.configs, wall_time_s=round(time.time() - start, 1),
+        sweep=run.sweep, index=run.index, configs=run.configs, wall_time_s=round(time.time() - start, 1),
     )
     _finish_wandb()
     print(f"[sweep] {run.name}: wrote {run.results_path}", flush=True)

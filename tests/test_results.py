@@ -76,8 +76,9 @@ def test_mean_rank_ties_share_ranks_and_best_marks_all_tied():
     records = []
     for method, (acc, rmse) in {"x": (0.9, 1.0), "y": (0.9, 2.0), "z": (0.8, 3.0)}.items():
         split = {"metrics": {"a": {"accuracy": acc}, "b": {"rmse": rmse}}}
-        records.append({"group": method, "tasks": TASKS, "splits": {"test": split}})
+        records.append({"group": method, "tasks": TASKS, "splits": {"test": split}, "index": {"x": 2, "y": 1, "z": 0}[method]})
     table = summarize(records, "test")
+    assert [r.method for r in table.rows] == ["z", "y", "x"]  # the sweep's order
     means = {r.method: r.mean["mean_rank"] for r in table.rows}
     assert means == {"x": (1.5 + 1) / 2, "y": (1.5 + 2) / 2, "z": (3 + 3) / 2}
     assert table.best["a/accuracy"] == {"x", "y"} and table.best["b/rmse"] == {"x"} and table.best["mean_rank"] == {"x"}
