@@ -174,7 +174,7 @@ def test_submitit_job_requeues_on_preemption_and_resumes_its_checkpoint(tmp_path
     from submitit.local.local import LocalJobEnvironment
 
     pause = {"class_path": "sweep_helpers.PauseForPreemption", "init_args": {"step": 2}}
-    grid = _grid(tmp_path / "grid.yaml", methods={"ew": {"callback": pause}}, seeds=[3], set=TINY, wandb=False)
+    grid = _grid(tmp_path / "grid.yaml", methods={"ew": {"callback": pause}}, seeds=[3], set=TINY)  # with W&B (offline)
     root = tmp_path / "out"
     runs = expand(load_grid(grid), [EW], str(root))
     prepare(runs)
@@ -193,6 +193,9 @@ def test_submitit_job_requeues_on_preemption_and_resumes_its_checkpoint(tmp_path
     record = json.loads((folder / "results.json").read_text())
     assert record["global_step"] == 4 and record["seed"] == 3  # two epochs of two steps, as without preemption
     assert "Requeued" in (job.stderr() or "") + (job.stdout() or "")
+    # Both attempts logged to the same W&B run (its id is fixed by the run folder).
+    wandb_runs = sorted(p.name for p in (folder / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, wandb_runs
 
 
 def test_slurm_sweep_jobs_are_one_process_each(tmp_path):
