@@ -332,12 +332,12 @@ def plot_weights(records: Sequence[dict[str, Any]], path: str) -> Optional[str]:
         for task, points in tasks.items():
             ax.plot([p[0] for p in points], [p[1] for p in points], label=task, lw=1)
         ax.set_title(method, fontsize=9)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=7, labelbottom=True)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("step", fontsize=8)
-    fig.supylabel("loss weight", fontsize=8)
+    fig.supylabel("loss weight (mean over seeds)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
