@@ -314,6 +314,7 @@ def run_one(folder: str, on_trainer: Any = None) -> dict[str, Any]:
         with open(run.results_path) as f:
             return json.load(f)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")  # run_one passes args
     checkpoint = latest_checkpoint(folder)
     with open(os.path.join(folder, ATTEMPTS_FILE), "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} host={socket.gethostname()} pid={os.getpid()} "
