@@ -29,3 +29,4 @@ PY
 # 4. The table (Markdown and LaTeX) and the plots.
 "$PY" -m mtl_lightning results "$ROOT" --out "$ROOT/table.md" --plots "$ROOT" --pareto left/accuracy right/accuracy
 "$PY" -m mtl_lightning results "$ROOT" --format latex --out "$ROOT/table.tex"
+"$PY" -m mtl_lightning results "$ROOT" --metric-split val --out "$ROOT/table_val.md"  # the split of the baselines
