@@ -198,6 +198,24 @@ def test_submitit_job_requeues_on_preemption_and_resumes_its_checkpoint(tmp_path
     assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1, wandb_runs
 
 
+@pytest.mark.slow
+def test_slurm_launcher_from_the_command_line_waits_and_skips_finished_runs(tmp_path, capfd, subprocess_env):
+    pytest.importorskip("submitit")
+    grid = _grid(tmp_path / "g.yaml", seeds=[5], set=TINY, wandb=False)
+    command = ["sweep", "--config", EW, "--grid", grid, "--root", str(tmp_path / "out"), "--launcher", "slurm",
+               "--cluster", "local", "--slurm", "timeout_min=10", "--slurm", "cpus_per_task=1"]
+    cli_main(command)
+    out = capfd.readouterr().out
+    job_id = re.search(r"submitted 1 job\(s\): (\S+)", out).group(1)
+    assert (tmp_path / "out" / "submitted_jobs.txt").read_text() == f"{job_id} base-s5\n"
+    assert json.loads((tmp_path / "out" / "base-s5" / "results.json").read_text())["seed"] == 5
+    cli_main(command)
+    assert "submitted 0 job(s): -" in capfd.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main([*command, "--slurm", "timeout_min"])
+    assert "--slurm 'timeout_min': expected KEY=VALUE" in capfd.readouterr().err
+
+
 def test_slurm_sweep_jobs_are_one_process_each(tmp_path):
     pytest.importorskip("submitit")
     runs = expand(load_grid(_grid(tmp_path / "g.yaml", seeds=[0])), [EW], str(tmp_path / "out"))
