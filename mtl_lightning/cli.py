@@ -1,4 +1,6 @@
-"""``mtl-lightning fit|validate|test|predict --config experiments/….yaml`` (LightningCLI)."""
+"""``mtl-lightning fit|validate|test|predict --config experiments/….yaml`` (LightningCLI), and the
+``mtl-lightning sweep`` / ``mtl-lightning results`` commands (:mod:`mtl_lightning.sweep`,
+:mod:`mtl_lightning.results`)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ TRAINER_DEFAULTS = {
 }
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+#: Commands handled before LightningCLI: ``mtl-lightning <command> …`` runs ``<module>.main(…)``.
+TOOL_COMMANDS = {"sweep": "mtl_lightning.sweep", "results": "mtl_lightning.results"}
 
 #: Set to 1 (or pass ``--debug``) to get the full traceback of a configuration error.
 TRACEBACK_ENV = "MTL_LIGHTNING_TRACEBACK"
@@ -250,6 +255,12 @@ def main(args: Optional[list[str]] = None) -> None:
     written; exit status 1); ``--debug`` or ``MTL_LIGHTNING_TRACEBACK=1`` gives the traceback instead.
     A run stopped by SIGTERM / SIGUSR1 exits with 128 + the signal's number."""
     argv = sys.argv if args is None else list(args)  # sys.argv edited in place: LightningCLI reads it
+    rest = argv[1:] if args is None else argv
+    if rest and rest[0] in TOOL_COMMANDS:
+        import importlib
+
+        importlib.import_module(TOOL_COMMANDS[rest[0]]).main(rest[1:])
+        return
     if "--debug" in argv[1 if args is None else 0 :]:
         argv.remove("--debug")
         os.environ[TRACEBACK_ENV] = "1"

@@ -4,15 +4,26 @@ It tells what the run did and where it went: each task's final metrics, Δ_MTL /
 have single-task baselines, the run folder and its saved config, the checkpoint(s), and the W&B run
 (or the offline run's folder and its ``wandb sync`` command). ``mtl-lightning`` adds it to every
 run; add ``mtl_lightning.summary.RunSummary`` to the Trainer's callbacks to get it elsewhere.
+
+The same callback keeps what it printed as data (:attr:`RunSummary.results`): each split's final
+per-task metrics, Δ_MTL / Δm and each metric's direction and baseline. :meth:`RunSummary.write_results`
+writes them to a run's ``results.json`` (what ``mtl-lightning sweep`` does at the end of each run and
+``mtl-lightning results`` tabulates).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Mapping, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+#: Version of the ``results.json`` layout written by :meth:`RunSummary.write_results`.
+RESULTS_FORMAT = 1
+#: The results file's name in a run folder (``mtl-lightning sweep`` writes it; ``results`` reads it).
+RESULTS_FILE = "results.json"
 
 #: Metric keys that are not a task's result (per-step or per-weight logs).
 _SKIP_SUFFIXES = ("_step", "/weight")
@@ -112,6 +123,12 @@ class RunSummary(Callback):
     def __init__(self) -> None:
         self.started = False
         self.last: Optional[str] = None  #: the last summary printed
+        #: ``{split: {"metrics": {task: {metric: v}}, "loss": {task: v}, "delta": {task: Δ_t},
+        #: "delta_m": v, "delta_mtl": v}}`` of the last fit / validate / test (``val``, ``test``).
+        self.results: dict[str, dict[str, Any]] = {}
+        #: ``{task: {metric: {"higher_is_better": bool, "baseline": float or None}}}``
+        self.metric_specs: dict[str, dict[str, dict[str, Any]]] = {}
+        self.progress: dict[str, int] = {}  #: ``epoch`` and ``global_step`` at the end of the last stage
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.started = False
@@ -147,7 +164,45 @@ class RunSummary(Callback):
                 checkpoints = {"best": getattr(ckpt, "best_model_path", None), "last": getattr(ckpt, "last_model_path", None)}
         elif trainer.ckpt_path:
             checkpoints = {"loaded": trainer.ckpt_path}
-        self.last = format_summary(
-            stage, dict(trainer.callback_metrics), task_names, run_dir, config_path, checkpoints, wandb
-        )
+        metrics = dict(trainer.callback_metrics)
+        self._record(metrics, tasks if isinstance(tasks, Mapping) else {}, task_names)
+        self.progress = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step)}
+        self.last = format_summary(stage, metrics, task_names, run_dir, config_path, checkpoints, wandb)
         print(self.last, flush=True)
+
+    def _record(self, metrics: Mapping[str, Any], tasks: Mapping[str, Any], task_names: Optional[list[str]]) -> None:
+        for name, task in tasks.items():
+            directions = getattr(task, "higher_is_better", None)
+            if callable(directions):
+                baselines = dict(getattr(task, "baselines", None) or {})
+                self.metric_specs[name] = {
+                    m: {"higher_is_better": bool(up), "baseline": baselines.get(m)} for m, up in directions().items()
+                }
+        for split in ("val", "test"):
+            per_task = task_metrics(metrics, split, task_names)
+            if not per_task:
+                continue
+            entry: dict[str, Any] = {"metrics": {}, "loss": {}, "delta": {}}
+            for task, values in per_task.items():
+                for key, value in values.items():
+                    if key in ("loss", "delta"):
+                        entry[key][task] = value
+                    else:
+                        entry["metrics"].setdefault(task, {})[key] = value
+            for key in ("delta_m", "delta_mtl"):
+                value = _value(metrics.get(f"{split}/{key}"))
+                if value is not None:
+                    entry[key] = value
+            self.results[split] = entry
+
+    def write_results(self, path: str, **meta: Any) -> dict[str, Any]:
+        """Write the recorded results with ``meta`` (run name, method, seed…) to ``path`` (JSON,
+        written to a temporary file and renamed: the file exists only once it is complete)."""
+        record = {"format": RESULTS_FORMAT, **meta, "tasks": self.metric_specs, **self.progress, "splits": self.results}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+        return record
