@@ -658,8 +658,16 @@ class MultiTaskModule(pl.LightningModule):
         self._log_epoch_means()
         self._log_architecture_statistics()
         scheduler = self.lr_schedulers()
-        if scheduler is not None and self.lr_scheduler_interval == "epoch":
+        if scheduler is not None and self.lr_scheduler_interval == "epoch" and self.epoch_ran_to_its_end():
             self.step_scheduler(scheduler)
+
+    def epoch_ran_to_its_end(self) -> bool:
+        """Whether the training epoch ending now took all its batches. Lightning also calls the epoch-end
+        hooks when training stops inside an epoch (``max_steps``); a run resumed from that point finishes
+        the epoch and ends it again, so epoch-level updates (an epoch-interval LR scheduler) wait for the
+        real end — as Lightning's own scheduler stepping does — and a resumed run equals an uninterrupted one."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return progress.is_last_batch or progress.current.ready >= self.trainer.num_training_batches
 
     def _log_architecture_statistics(self) -> None:
         """Log what the architecture accumulated this epoch (averaged over steps and ranks); a T×T
@@ -772,3 +780,4 @@ class MultiTaskModule(pl.LightningModule):
         x = self._input(batch) if isinstance(batch, Mapping) else batch
         outputs = self(x)
         return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
+
