@@ -1,6 +1,7 @@
 """Every balancing method resumes exactly, mid-epoch, with shuffled data: N steps straight equal N/2
 steps, a checkpoint and N/2 resumed steps — model parameters (learnable weights included), the
-method's state (histories, random generators, solver warm starts), optimizer and data order.
+method's state (histories, random generators, solver warm starts), optimizer and data order; and a
+model that draws random numbers itself (dropout).
 
 The methods are those the packages export (``mtl_lightning.balancing`` and ``mtl_lightning.gradients``):
 a new method joins by being exported. Two kinds of checkpoint: one written during the run
@@ -59,9 +60,10 @@ class ShuffledData(MultiTaskDataModule):
         return out
 
 
-def fit(method: type, max_steps: int, ckpt_path: Optional[str] = None, callbacks: tuple = ()) -> dict[str, Any]:
+def fit(method: type, max_steps: int, ckpt_path: Optional[str] = None, callbacks: tuple = (),
+        dropout: float = 0.0) -> dict[str, Any]:
     pl.seed_everything(0 if ckpt_path is None else 123, verbose=False)  # resumed: all from the checkpoint
-    module = MultiTaskModule(MLP(6, (16,)), [ClassificationTask("a", 3), ClassificationTask("b", 2),
+    module = MultiTaskModule(MLP(6, (16,), dropout=dropout), [ClassificationTask("a", 3), ClassificationTask("b", 2),
                                              ClassificationTask("c", 2)], optimizer=partial(torch.optim.Adam, lr=0.01))
     trainer = pl.Trainer(callbacks=[method(**OPTIONS.get(method, {})), *callbacks], max_steps=max_steps,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -77,16 +79,16 @@ def test_the_methods_are_found_in_both_packages():
     assert {cls for cls in METHODS if issubclass(cls, LossWeighting)} and {cls for cls in METHODS if issubclass(cls, GradientBalancer)}
 
 
-def assert_resumes_exactly(method: type, root: Path) -> None:
+def assert_resumes_exactly(method: type, root: Path, dropout: float = 0.0) -> None:
     """Straight run (saving mid-run at step N/2) vs runs resumed from that checkpoint and from the one a
     run stopped at step N/2 writes."""
     during = ModelCheckpoint(dirpath=root / "during", every_n_train_steps=STEPS // 2, save_top_k=-1)
-    straight = fit(method, STEPS, callbacks=(during,))
-    fit(method, STEPS // 2, callbacks=(ModelCheckpoint(dirpath=root / "stop"),))  # mid-epoch 1
+    straight = fit(method, STEPS, callbacks=(during,), dropout=dropout)
+    fit(method, STEPS // 2, callbacks=(ModelCheckpoint(dirpath=root / "stop"),), dropout=dropout)  # mid-epoch 1
     for kind in ("during", "stop"):
         (checkpoint,) = (root / kind).glob(f"*-step={STEPS // 2}.ckpt")
         assert torch.load(checkpoint, weights_only=True)["ShuffledData"] == {"epoch": 1, "position": 64}
-        resumed = fit(method, STEPS, ckpt_path=str(checkpoint))
+        resumed = fit(method, STEPS, ckpt_path=str(checkpoint), dropout=dropout)
         assert_same_state(straight, resumed, f"{method.__name__}, resumed from the checkpoint {kind}")
 
 
@@ -94,3 +96,8 @@ def assert_resumes_exactly(method: type, root: Path) -> None:
 def test_resume_mid_epoch_matches_uninterrupted_run(method, tmp_path):
     assert_resumes_exactly(method, tmp_path)
 
+
+def test_dropout_in_the_model_resumes_exactly(tmp_path):
+    """The model's own draws come from the global RNG, which the module checkpoints (and which the data
+    loaders leave alone)."""
+    assert_resumes_exactly(balancing.RLW, tmp_path, dropout=0.3)

@@ -53,6 +53,14 @@ def collate_batched(batch: Any) -> Any:
     return torch.utils.data.default_collate(batch)
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """The generator a ``DataLoader`` draws its workers' base seed from, once per iterator. Without one
+    it draws from the global RNG, where a resumed run (which starts an iterator mid-epoch) would take
+    a number an uninterrupted run leaves to the model (dropout): the global RNG is checkpointed by the
+    module, and loaders leave it alone."""
+    return torch.Generator().manual_seed(seed)
+
+
 class EpochShuffleSampler(DistributedSampler):
     """The training order: a permutation drawn from ``seed + epoch`` (``DistributedSampler``'s rule,
     so every rank agrees and each takes its shard), starting ``skip`` samples into this rank's share.
@@ -164,6 +172,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_batched,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset, loader_generator
 from mtl_lightning.data.policies import AllTasks, MixingPolicy, resolve_policy
 
 #: One training step for one rank: ``(task_name, sample indices)`` for every task trained at it.
@@ -328,6 +328,7 @@ class MultiDatasetDataModule(MultiTaskDataModule):
             collate_fn=_keep,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(self.seed),
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -345,7 +346,8 @@ class MultiDatasetDataModule(MultiTaskDataModule):
                 else SequentialSampler(view)
             )
             loaders.append(
-                DataLoader(view, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_keep, num_workers=self.num_workers)
+                DataLoader(view, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_keep, num_workers=self.num_workers,
+                           generator=loader_generator(self.seed))
             )
         if not loaders:
             raise KeyError(f"{type(self).__name__}: no task has a '{split}' dataset.")

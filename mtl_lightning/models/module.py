@@ -544,11 +544,15 @@ class MultiTaskModule(pl.LightningModule):
             "task_loss_multipliers": dict(self.task_loss_multipliers),
             "detached_tasks": sorted(self.detached_tasks),
         }
+        checkpoint["mtl_rng"] = global_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         interventions = checkpoint.get("mtl_interventions", {})
         self.task_loss_multipliers = dict(interventions.get("task_loss_multipliers", {}))
         self.detached_tasks = set(interventions.get("detached_tasks", []))
+        trainer = getattr(self, "_trainer", None)
+        if "mtl_rng" in checkpoint and trainer is not None and trainer.state.fn == "fit":  # resuming a fit
+            set_global_rng_state(checkpoint["mtl_rng"])
         # A checkpoint trained with learnable balancing weights loads into a module without that
         # balancing method (e.g. for inference or fine-tuning): drop the weights it has no slot for.
         state = checkpoint.get("state_dict", {})
@@ -781,3 +785,20 @@ class MultiTaskModule(pl.LightningModule):
         outputs = self(x)
         return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
 
+
+def global_rng_state() -> dict[str, Tensor]:
+    """The global torch RNG state (CPU, and the current CUDA device's once CUDA is in use): what the
+    model draws from in training (dropout). Checkpointed, so a resumed run draws what an
+    uninterrupted one would; every other draw (data order, mixing, balancing methods) has its own
+    seeded, checkpointed generator."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_global_rng_state(state: Mapping[str, Tensor]) -> None:
+    """Restore a :func:`global_rng_state` (the CUDA part where CUDA is available)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
