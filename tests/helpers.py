@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.models import MultiTaskModule, SmallCNN
@@ -35,6 +36,38 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def resumable_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """Everything a resumed run must end with to equal an uninterrupted one: the module's state (parameters,
+    buffers, learnable balancing weights), the balancing method's state, optimizers, schedulers, data order."""
+    module = trainer.lightning_module
+    return {
+        "module": module.state_dict(),
+        "balancing": {type(module.balancer).__name__: module.balancer.state_dict()},
+        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "data": trainer.datamodule.state_dict() if trainer.datamodule is not None else {},
+        "global_step": trainer.global_step,
+    }
+
+
+def assert_same_state(a: Any, b: Any, where: str = "state") -> None:
+    """Nested dicts / lists of tensors and plain values are identical: same keys, ``torch.equal`` tensors."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.shape, a.dtype) == (b.shape, b.dtype), f"{where}: {b!r}"
+        same = torch.equal(a, b)
+        assert same, f"{where}: max |Δ| = {float((a.double() - b.double()).abs().max()):.3g}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
 def run_ddp_worker(script: str, out: Path) -> dict[str, Any]:

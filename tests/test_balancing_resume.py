@@ -1,91 +1,103 @@
-"""Stateful balancing methods resume exactly: stop after N epochs, resume from the checkpoint, and
-end with the same model parameters (learnable weights included) and method state as an
-uninterrupted run."""
+"""Every balancing method resumes exactly, mid-epoch, with shuffled data: N steps straight equal N/2
+steps, a checkpoint and N/2 resumed steps — model parameters (learnable weights included), the
+method's state (histories, random generators, solver warm starts), optimizer and data order; and a
+model that draws random numbers itself (dropout).
+
+The methods are those the packages export (``mtl_lightning.balancing`` and ``mtl_lightning.gradients``):
+a new method joins by being exported. Two kinds of checkpoint: one written during the run
+(``every_n_train_steps``, as a pre-empted run has) and one written when a run stops at ``max_steps``."""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import assert_same_state, resumable_state
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+import mtl_lightning.balancing as balancing
+import mtl_lightning.gradients as gradients
 from mtl_lightning import ClassificationTask, MultiTaskModule
-from mtl_lightning.balancing import DWA, FAMO, RLW, STCH, UW, GradNorm
-from mtl_lightning.data import TensorDictDataset
-from mtl_lightning.data.datamodule import collate_batched
+from mtl_lightning.balancing import BalancingMethod, LossWeighting
+from mtl_lightning.data import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.gradients import GradientBalancer
 from mtl_lightning.models import MLP
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
 
-EPOCHS, STOP_AT = 4, 2
+TASKS = ("a", "b", "c")  # three: PCGrad's and GradVac's random partner orders are drawn (not at T = 2)
+STEPS = 10  # 3 batches per epoch: the checkpoint at step 5 falls mid-epoch; the run spans 4 epochs
 
-
-def loader() -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 6, generator=g)
-    data = {"input": x, "a": (x[:, 0] > 0).long() + (x[:, 1] > 0).long(), "b": (x[:, 2] > 0).long()}
-    # No shuffling: the global RNG is not part of a checkpoint, and the test is about the method's state.
-    return torch.utils.data.DataLoader(TensorDictDataset(data), batch_size=32, shuffle=False, collate_fn=collate_batched)
-
-
-def fit(method: pl.Callback, max_epochs: int, ckpt_path: str | None = None) -> tuple[pl.Trainer, MultiTaskModule]:
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(6, (16,)), [ClassificationTask("a", 3), ClassificationTask("b", 2)],
-                             optimizer=partial(torch.optim.Adam, lr=0.01))
-    trainer = pl.Trainer(callbacks=[method], max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                         limit_val_batches=0)
-    trainer.fit(module, loader(), ckpt_path=ckpt_path)
-    return trainer, module
-
-
-def flat_state(state) -> dict:
-    """Nested state → {path: tensor or value} for exact comparison."""
-    out = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            out[prefix] = value
-
-    walk("", state)
-    return out
-
-
-METHODS = {
-    "DWA": lambda: DWA(),
-    "STCH": lambda: STCH(warmup_epochs=1),
-    "FAMO": lambda: FAMO(),
-    "GradNorm": lambda: GradNorm(),
-    "RLW": lambda: RLW(seed=1),
-    "UW": lambda: UW(),
+#: Methods whose constructor needs arguments (or whose defaults would leave the short run idle).
+OPTIONS: dict[type, dict[str, Any]] = {
+    balancing.StaticWeighting: {"weights": {"a": 2.0, "c": 0.5}},
+    balancing.STCH: {"warmup_epochs": 1},
+    balancing.RLW: {"seed": 1},
 }
+ABSTRACT = {BalancingMethod, LossWeighting, GradientBalancer}
+METHODS = sorted({cls for package in (balancing, gradients) for cls in (getattr(package, n) for n in package.__all__)
+                  if isinstance(cls, type) and issubclass(cls, BalancingMethod) and cls not in ABSTRACT},
+                 key=lambda cls: cls.__name__)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_resume_from_checkpoint_matches_uninterrupted_run(name, tmp_path):
-    _, full = fit(full_method := METHODS[name](), EPOCHS)
+class ShuffledData(MultiTaskDataModule):
+    """96 samples, three tasks, batch 32; the training order is the base class's seeded shuffle."""
 
-    first_trainer, _ = fit(METHODS[name](), STOP_AT)
-    ckpt = str(tmp_path / "stop.ckpt")
-    first_trainer.save_checkpoint(ckpt)
-    resumed_method = METHODS[name]()
-    resumed_trainer, resumed = fit(resumed_method, EPOCHS, ckpt_path=ckpt)
+    def __init__(self) -> None:
+        super().__init__(batch_size=32, seed=3)
 
-    assert resumed_trainer.global_step == 4 * 3
-    full_params, resumed_params = full.state_dict(), resumed.state_dict()
-    assert full_params.keys() == resumed_params.keys()
-    for key in full_params:
-        assert torch.equal(full_params[key], resumed_params[key]), key
-    full_state, resumed_state = flat_state(full_method.state_dict()), flat_state(resumed_method.state_dict())
-    assert full_state.keys() == resumed_state.keys()
-    for key, value in full_state.items():
-        other = resumed_state[key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
-    if name == "DWA":
-        assert len(full_method.history.means) == EPOCHS - 1  # epochs 0-2 finished; epoch 3 used 1 and 2
-    if name == "STCH":
-        assert full_method.nadir is not None
+    def build_datasets(self) -> dict[str, TensorDictDataset]:
+        g = torch.Generator().manual_seed(0)
+        out = {}
+        for split, n in (("train", 96), ("val", 16), ("test", 16)):
+            x = torch.randn(n, 6, generator=g)
+            out[split] = TensorDictDataset({"input": x, "a": (x[:, 0] > 0).long() + (x[:, 1] > 0).long(),
+                                            "b": (x[:, 2] > 0).long(), "c": (x[:, 3] + x[:, 0] > 0).long()})
+        return out
+
+
+def fit(method: type, max_steps: int, ckpt_path: Optional[str] = None, callbacks: tuple = (),
+        dropout: float = 0.0) -> dict[str, Any]:
+    pl.seed_everything(0 if ckpt_path is None else 123, verbose=False)  # resumed: all from the checkpoint
+    module = MultiTaskModule(MLP(6, (16,), dropout=dropout), [ClassificationTask("a", 3), ClassificationTask("b", 2),
+                                             ClassificationTask("c", 2)], optimizer=partial(torch.optim.Adam, lr=0.01))
+    trainer = pl.Trainer(callbacks=[method(**OPTIONS.get(method, {})), *callbacks], max_steps=max_steps,
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=".")
+    trainer.fit(module, datamodule=ShuffledData(), ckpt_path=ckpt_path)
+    assert trainer.global_step == max_steps and trainer.num_training_batches == 3
+    return resumable_state(trainer)
+
+
+def test_the_methods_are_found_in_both_packages():
+    names = {cls.__name__ for cls in METHODS}
+    assert {"EqualWeighting", "RLW", "FAMO", "DWA", "GradNorm", "PCGrad", "GradVac", "GradDrop", "FairGrad"} <= names
+    assert {cls for cls in METHODS if issubclass(cls, LossWeighting)} and {cls for cls in METHODS if issubclass(cls, GradientBalancer)}
+
+
+def assert_resumes_exactly(method: type, root: Path, dropout: float = 0.0) -> None:
+    """Straight run (saving mid-run at step N/2) vs runs resumed from that checkpoint and from the one a
+    run stopped at step N/2 writes."""
+    during = ModelCheckpoint(dirpath=root / "during", every_n_train_steps=STEPS // 2, save_top_k=-1)
+    straight = fit(method, STEPS, callbacks=(during,), dropout=dropout)
+    fit(method, STEPS // 2, callbacks=(ModelCheckpoint(dirpath=root / "stop"),), dropout=dropout)  # mid-epoch 1
+    for kind in ("during", "stop"):
+        (checkpoint,) = (root / kind).glob(f"*-step={STEPS // 2}.ckpt")
+        assert torch.load(checkpoint, weights_only=True)["ShuffledData"] == {"epoch": 1, "position": 64}
+        resumed = fit(method, STEPS, ckpt_path=str(checkpoint), dropout=dropout)
+        assert_same_state(straight, resumed, f"{method.__name__}, resumed from the checkpoint {kind}")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda cls: cls.__name__)
+def test_resume_mid_epoch_matches_uninterrupted_run(method, tmp_path):
+    assert_resumes_exactly(method, tmp_path)
+
+
+def test_dropout_in_the_model_resumes_exactly(tmp_path):
+    """The model's own draws come from the global RNG, which the module checkpoints (and which the data
+    loaders leave alone)."""
+    assert_resumes_exactly(balancing.RLW, tmp_path, dropout=0.3)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
 from mtl_lightning.cli import MTLCLI
-from mtl_lightning.data import DomainDigitsDataModule, MultiDatasetDataModule, TensorDictDataset
+from mtl_lightning.data import DomainDigitsDataModule, MultiDatasetDataModule, MultiTaskDataModule, TensorDictDataset
 from mtl_lightning.data.policies import AllTasks, Temperature, Uniform
 from mtl_lightning.models import MLP, MultiTaskModule
 from mtl_lightning.tasks import ClassificationTask, MultiLabelTask, RegressionTask, TaskConfigError
@@ -155,13 +155,15 @@ def test_datamodule_rejects_bad_options():
 
 
 class RecordSamples(Callback):
-    """Records (epoch, batch_idx, [(task, sample indices)]) of every training step."""
+    """Records (epoch, batch_idx, [(task, sample indices)]) of every training step (task "all" for a
+    batch of the shared layout)."""
 
     def __init__(self) -> None:
         self.steps: list = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        plan = tuple((t, tuple(b["index"].tolist())) for t, b in batch.items())
+        parts = [("all", batch)] if "index" in batch else batch.items()
+        plan = tuple((t, tuple(b["index"].tolist())) for t, b in parts)
         self.steps.append((trainer.current_epoch, batch_idx, plan))
 
 
@@ -189,6 +191,37 @@ def test_resumed_run_continues_the_same_tasks_and_samples(tmp_path):
         assert state == {"seed": 3, "epoch": (step - 1) // 16, "position": (step - 1) % 16 + 1}
         resumed = run(ckpt_path=ckpt)
         assert [s[2] for s in resumed] == [s[2] for s in full[step:]], f"resume from step {step}"
+
+
+class IndexedData(MultiTaskDataModule):
+    """One dataset (shared layout: a sample carries every task's label), shuffled by the base class."""
+
+    def build_datasets(self):
+        return synthetic_datasets({"a": 40})["a"]
+
+
+@pytest.mark.parametrize("kind", ["shared", "mixing"])
+def test_run_stopped_at_max_steps_mid_epoch_resumes_the_same_samples(kind, tmp_path):
+    """A run that stops at max_steps inside an epoch is saved at that epoch's end hooks; Lightning then
+    hands the training sampler its count of processed epochs (one ahead). The data module draws the
+    epoch the trainer trains (current_epoch), so the rest of the stopped epoch keeps its order."""
+
+    def run(max_steps, ckpt_path=None, save=False):
+        recorder = RecordSamples()
+        callbacks = [recorder, ModelCheckpoint(dirpath=tmp_path / "ckpt")] if save else [recorder]
+        trainer = pl.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=save, callbacks=callbacks)
+        data = (IndexedData(batch_size=4, seed=3) if kind == "shared"
+                else MultiDatasetDataModule(Temperature(2.0), synthetic_datasets({"a": 24, "b": 16}), batch_size=4, seed=3))
+        trainer.fit(small_model(("a",) if kind == "shared" else ("a", "b")), data, ckpt_path=ckpt_path)
+        return recorder.steps
+
+    straight = run(24)  # 10 steps per epoch
+    assert len(straight) == 24 and straight[13][:2] == (1, 3)
+    run(13, save=True)
+    (ckpt,) = glob.glob(str(tmp_path / "ckpt" / "*-step=13.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 2
+    assert run(24, ckpt_path=ckpt) == straight[13:]
 
 
 def test_step_shares_and_validation_metric_names():

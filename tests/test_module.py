@@ -232,3 +232,21 @@ def test_resume_from_checkpoint_with_default_safe_loading(tmp_path):
     resumed = quiet_trainer(max_epochs=2)
     resumed.fit(digits_module(), small_digits(), ckpt_path=path)
     assert resumed.current_epoch == 2
+
+
+def test_epoch_scheduler_waits_for_the_end_of_an_epoch_cut_short_by_max_steps(tmp_path):
+    """Lightning calls the epoch-end hooks when max_steps stops training inside an epoch; the module
+    steps its epoch-interval scheduler only at the end of an epoch that took all its batches, so a run
+    resumed from that stop (which finishes the epoch) steps it as often as an uninterrupted run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, save=False):
+        torch.manual_seed(0)
+        module = digits_module(lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+        trainer = quiet_trainer(max_steps=max_steps, max_epochs=-1, limit_val_batches=0, enable_checkpointing=save,
+                                callbacks=[ModelCheckpoint(dirpath=tmp_path)] if save else [])
+        trainer.fit(module, small_digits(num_train=64, num_val=16, num_test=16, batch_size=32), ckpt_path=ckpt_path)  # 2 steps per epoch
+        return trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+    assert run(3, save=True) == 1  # epoch 0 ended; epoch 1 stopped after one of its two steps
+    assert run(6) == run(6, ckpt_path=str(next(tmp_path.glob("*-step=3.ckpt")))) == 3

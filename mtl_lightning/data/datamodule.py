@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -69,22 +69,34 @@ def collate_batched(batch: Any) -> Any:
     return torch.utils.data.default_collate(batch)
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """The generator a ``DataLoader`` draws its workers' base seed from, once per iterator. Without one
+    it draws from the global RNG, where a resumed run (which starts an iterator mid-epoch) would take
+    a number an uninterrupted run leaves to the model (dropout): the global RNG is checkpointed by the
+    module, and loaders leave it alone."""
+    return torch.Generator().manual_seed(seed)
+
+
 class EpochShuffleSampler(DistributedSampler):
     """The training order: a permutation drawn from ``seed + epoch`` (``DistributedSampler``'s rule,
     so every rank agrees and each takes its shard), starting ``skip`` samples into this rank's share.
 
     Nothing comes from the global RNG, so a run resumed from a checkpoint (epoch and position, kept
     by the data module) draws the same batches as an uninterrupted one. Lightning sees a
-    ``DistributedSampler`` and neither wraps nor replaces it.
+    ``DistributedSampler`` and neither wraps nor replaces it. ``epoch_source`` maps the epoch
+    Lightning passes to :meth:`set_epoch` to the one to draw (the data module's
+    :meth:`~MultiTaskDataModule.training_epoch`).
 
     A dataset whose samples are random per epoch (augmentation) sets ``epoch_keyed = True``: it is
     then indexed by ``(epoch, index)`` and seeds its draws from them, so they too are the same in a
     resumed run and in any worker.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 epoch_source: Optional[Callable[[int], int]] = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.skip = 0
+        self.epoch_source = epoch_source
         self.epoch_keyed = bool(getattr(dataset, "epoch_keyed", False))
 
     def __iter__(self) -> Any:
@@ -94,6 +106,8 @@ class EpochShuffleSampler(DistributedSampler):
     # __len__ stays the full share: Lightning reads it once per fit, for every epoch.
 
     def set_epoch(self, epoch: int) -> None:
+        if self.epoch_source is not None:
+            epoch = self.epoch_source(epoch)
         if epoch != self.epoch:
             self.skip = 0  # a new epoch starts at its beginning; a resumed one keeps its position
         super().set_epoch(epoch)
@@ -148,6 +162,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.setup()
         return dict(self.datasets)
 
+    def training_epoch(self, offered: int) -> int:
+        """The epoch whose order a training sampler draws when Lightning calls ``set_epoch(offered)``:
+        the trainer's ``current_epoch`` (``offered`` without a trainer).
+
+        Lightning offers its count of *processed* epochs. After resuming a run that stopped mid-epoch
+        (``max_steps``: Lightning runs the epoch-end hooks and counts the epoch processed, not
+        completed) that count is one ahead of the epoch the trainer goes on training, whose
+        remaining batches must keep that epoch's order.
+        """
+        trainer = getattr(self, "trainer", None)
+        return offered if trainer is None else int(trainer.current_epoch)
+
     @property
     def label_keys(self) -> set[str]:
         self.setup()
@@ -164,9 +190,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if shuffle:
             trainer = getattr(self, "trainer", None)
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = self.sampler = EpochShuffleSampler(self.datasets[split], world, rank, self.seed)
-            sampler.set_epoch(self._progress["epoch"])
-            sampler.skip = self._progress["position"]
+            sampler = self.sampler = EpochShuffleSampler(self.datasets[split], world, rank, self.seed, self.training_epoch)
+            sampler.epoch, sampler.skip = self._progress["epoch"], self._progress["position"]
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
@@ -174,6 +199,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_batched,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,13 +16,13 @@ the same sequence of tasks and samples.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
+from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset, loader_generator
 from mtl_lightning.data.policies import AllTasks, MixingPolicy, resolve_policy
 
 #: One training step for one rank: ``(task_name, sample indices)`` for every task trained at it.
@@ -69,7 +69,8 @@ class TaskMixingSampler(DistributedSampler):
     Within a pass over t no index repeats on any rank; a pass that runs out continues into a freshly
     shuffled one (batches are always full).
 
-    Lightning calls :meth:`set_epoch` at every epoch start. ``consumed`` counts the steps of the
+    Lightning calls :meth:`set_epoch` at every epoch start (``epoch_source`` maps the epoch it passes
+    to the one to draw: the data module's ``training_epoch``). ``consumed`` counts the steps of the
     current epoch that the trainer has taken (kept by the data module), so a resumed iterator
     starts where the checkpointed run stopped.
 
@@ -80,6 +81,7 @@ class TaskMixingSampler(DistributedSampler):
         seed: Seed of all draws.
         rank / world_size: This process's rank and the number of processes.
         steps_per_epoch: Epoch length; ``None``: the policy's default (see :meth:`default_steps`).
+        epoch_source: Maps the epoch passed to :meth:`set_epoch` to the epoch drawn (default: itself).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class TaskMixingSampler(DistributedSampler):
         rank: int = 0,
         world_size: int = 1,
         steps_per_epoch: Optional[int] = None,
+        epoch_source: Optional[Callable[[int], int]] = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"TaskMixingSampler: rank {rank} is outside [0, {world_size}).")
@@ -111,6 +114,7 @@ class TaskMixingSampler(DistributedSampler):
         self.steps_per_epoch = steps_per_epoch or self.default_steps()
         self.epoch = 0
         self.consumed = 0
+        self.epoch_source = epoch_source
 
     @property
     def block(self) -> int:
@@ -133,6 +137,8 @@ class TaskMixingSampler(DistributedSampler):
         return self.steps_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
+        if self.epoch_source is not None:
+            epoch = self.epoch_source(epoch)
         if epoch != self.epoch:
             self.epoch, self.consumed = epoch, 0
 
@@ -309,6 +315,7 @@ class MultiDatasetDataModule(MultiTaskDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             steps_per_epoch=self.steps_per_epoch,
+            epoch_source=self.training_epoch,
         )
         sampler.epoch, sampler.consumed = progress["epoch"], progress["position"]
         return sampler
@@ -323,6 +330,7 @@ class MultiDatasetDataModule(MultiTaskDataModule):
             collate_fn=_keep,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=loader_generator(self.seed),
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -340,7 +348,8 @@ class MultiDatasetDataModule(MultiTaskDataModule):
                 else SequentialSampler(view)
             )
             loaders.append(
-                DataLoader(view, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_keep, num_workers=self.num_workers)
+                DataLoader(view, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=_keep, num_workers=self.num_workers,
+                           generator=loader_generator(self.seed))
             )
         if not loaders:
             raise KeyError(f"{type(self).__name__}: no task has a '{split}' dataset.")

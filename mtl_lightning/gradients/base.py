@@ -79,6 +79,9 @@ class GradientBalancer(BalancingMethod):
         self.batched = bool(batched)
         self._buffer: Optional[list[Tensor]] = None
         self._last_weights: Optional[Tensor] = None
+        #: The last step's solution of an iterative solver (MGDA, CAGrad, UPGrad, FairGrad), from which
+        #: the next step's solve starts: it changes the last bits of the answer, so it is checkpointed.
+        self._previous: Optional[Tensor] = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -220,10 +223,12 @@ class GradientBalancer(BalancingMethod):
                 p.grad.add_(g)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """What the next steps depend on. The base class keeps the solver's warm start; methods with more
+        state (generators, moving averages) add theirs to it."""
+        return {} if self._previous is None else {"warm_start": self._previous}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        self._previous = state_dict.get("warm_start")
 
 
 class Generator:

@@ -42,7 +42,6 @@ class CAGrad(GradientBalancer):
         self.c = c
         self.rescale = rescale
         self.iterations = iterations
-        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         gramian = gramian.double()

@@ -92,9 +92,10 @@ class DBMTL(GradientBalancer):
             average.lerp_(g, 1 - keep)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"average": self.average, "steps": self.steps}
+        return {**super().state_dict(), "average": self.average, "steps": self.steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.average = state_dict.get("average")
         self.steps = int(state_dict.get("steps", 0))
 

@@ -47,7 +47,6 @@ class FairGrad(GradientBalancer):
         self.alpha = alpha
         self.iterations = iterations
         self.max_norm = max_norm
-        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     promises = GradientBalancer.promises | {"non_conflicting"}  # g_t·d = w_t^(−1/α) > 0
 

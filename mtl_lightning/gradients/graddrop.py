@@ -65,7 +65,8 @@ class GradDrop(GradientBalancer):
         return [direction], keep.reshape(t, -1).mean(1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.state()}
+        return {**super().state_dict(), "generator": self.generator.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.generator.load(state_dict.get("generator"))

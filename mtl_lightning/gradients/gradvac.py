@@ -112,9 +112,10 @@ class GradVac(GradientBalancer):
         return torch.where(torch.isfinite(updated), updated, pair_targets)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"targets": self.targets, "generator": self.generator.state()}
+        return {**super().state_dict(), "targets": self.targets, "generator": self.generator.state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.targets = state_dict.get("targets")
         self.generator.load(state_dict.get("generator"))
 

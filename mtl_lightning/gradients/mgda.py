@@ -56,7 +56,6 @@ class MGDA(GradientBalancer):
             raise ValueError(f"MGDA: iterations must be >= 1, got {iterations}.")
         self.normalization = normalization
         self.iterations = iterations
-        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
         if self.normalization == "none":

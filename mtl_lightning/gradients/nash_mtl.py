@@ -99,8 +99,9 @@ class NashMTL(GradientBalancer):
         return alpha
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "steps": self.steps}
+        return {**super().state_dict(), "alpha": self.alpha, "steps": self.steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.alpha = state_dict.get("alpha")
         self.steps = int(state_dict.get("steps", 0))

@@ -46,7 +46,6 @@ class UPGrad(GradientBalancer):
         self.norm_eps = norm_eps
         self.reg_eps = reg_eps
         self.iterations = iterations
-        self._previous: Optional[Tensor] = None  # warm start of the solver (speed only)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         t = gramian.shape[0]

@@ -613,11 +613,15 @@ class MultiTaskModule(pl.LightningModule):
             "task_loss_multipliers": dict(self.task_loss_multipliers),
             "detached_tasks": sorted(self.detached_tasks),
         }
+        checkpoint["mtl_rng"] = global_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         interventions = checkpoint.get("mtl_interventions", {})
         self.task_loss_multipliers = dict(interventions.get("task_loss_multipliers", {}))
         self.detached_tasks = set(interventions.get("detached_tasks", []))
+        trainer = getattr(self, "_trainer", None)
+        if "mtl_rng" in checkpoint and trainer is not None and trainer.state.fn == "fit":  # resuming a fit
+            set_global_rng_state(checkpoint["mtl_rng"])
         # A checkpoint trained with learnable balancing weights loads into a module without that
         # balancing method (e.g. for inference or fine-tuning): drop the weights it has no slot for.
         state = checkpoint.get("state_dict", {})
@@ -727,8 +731,16 @@ class MultiTaskModule(pl.LightningModule):
         self._log_epoch_means()
         self._log_architecture_statistics()
         scheduler = self.lr_schedulers()
-        if scheduler is not None and self.lr_scheduler_interval == "epoch":
+        if scheduler is not None and self.lr_scheduler_interval == "epoch" and self.epoch_ran_to_its_end():
             self.step_scheduler(scheduler)
+
+    def epoch_ran_to_its_end(self) -> bool:
+        """Whether the training epoch ending now took all its batches. Lightning also calls the epoch-end
+        hooks when training stops inside an epoch (``max_steps``); a run resumed from that point finishes
+        the epoch and ends it again, so epoch-level updates (an epoch-interval LR scheduler) wait for the
+        real end — as Lightning's own scheduler stepping does — and a resumed run equals an uninterrupted one."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        return progress.is_last_batch or progress.current.ready >= self.trainer.num_training_batches
 
     def _log_architecture_statistics(self) -> None:
         """Log what the architecture accumulated this epoch (averaged over steps and ranks); a T×T
@@ -847,3 +859,21 @@ class MultiTaskModule(pl.LightningModule):
         x = self._input(batch) if isinstance(batch, Mapping) else batch
         outputs = self(x)
         return {name: self.tasks[name].predict(out) for name, out in outputs.items()}
+
+
+def global_rng_state() -> dict[str, Tensor]:
+    """The global torch RNG state (CPU, and the current CUDA device's once CUDA is in use): what the
+    model draws from in training (dropout). Checkpointed, so a resumed run draws what an
+    uninterrupted one would; every other draw (data order, mixing, balancing methods) has its own
+    seeded, checkpointed generator."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_global_rng_state(state: Mapping[str, Tensor]) -> None:
+    """Restore a :func:`global_rng_state` (the CUDA part where CUDA is available)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
