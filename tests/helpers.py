@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from mtl_lightning.data import MultiDigitsDataModule
+from mtl_lightning.data.dense import write_npy_layout
 from mtl_lightning.models import MultiTaskModule, SmallCNN
 from mtl_lightning.tasks import ClassificationTask
 
@@ -84,3 +86,21 @@ def run_ddp_worker(script: str, out: Path) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: torch.load(out / f"{name}.pt") for name in ("reference", "rank0", "rank1")}
+
+
+def write_dense_fixture(root: Path, n_train: int = 6, n_val: int = 4, classes: int = 13, normals: bool = True,
+                        label_folder: str = "label") -> Path:
+    """A tiny NYUv2 / Cityscapes copy in the MTAN release's exact .npy layout (16×32 images)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        label = rng.integers(-1, classes, (n, 16, 32)).astype(np.float32)  # float on disk, -1 unlabelled
+        depth = (rng.random((n, 16, 32, 1)) * 4 + 0.5).astype(np.float32)
+        depth[rng.random((n, 16, 32, 1)) < 0.2] = 0.0
+        maps = {"image": list(rng.random((n, 16, 32, 3)).astype(np.float32)), label_folder: list(label), "depth": list(depth)}
+        if normals:
+            normal = rng.normal(size=(n, 16, 32, 3)).astype(np.float32)
+            normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+            normal[:, :2] = 0.0  # two rows without normals
+            maps["normal"] = list(normal)
+        write_npy_layout(str(root), split, maps)
+    return root

@@ -14,28 +14,13 @@ from mtl_lightning import MultiTaskModule
 from mtl_lightning.architectures import SegNet, SegNetMTAN, check_roles
 from mtl_lightning.cli import MTLCLI
 from mtl_lightning.data import CityscapesDataModule, NYUv2DataModule
-from mtl_lightning.data.dense import DenseNpyDataset, write_npy_layout
+from mtl_lightning.data.dense import DenseNpyDataset
 from mtl_lightning.tasks import DepthTask, NormalTask, SegmentationTask, TaskConfigError
 
+from helpers import write_dense_fixture as write_fixture
+
 ROOT = Path(__file__).parent.parent / "experiments"
-H, W = 16, 32
-
-
-def write_fixture(root: Path, n_train: int = 6, n_val: int = 4, classes: int = 13, normals: bool = True,
-                  label_folder: str = "label") -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        label = rng.integers(-1, classes, (n, H, W)).astype(np.float32)  # float on disk, -1 unlabelled
-        depth = (rng.random((n, H, W, 1)) * 4 + 0.5).astype(np.float32)
-        depth[rng.random((n, H, W, 1)) < 0.2] = 0.0
-        maps = {"image": list(rng.random((n, H, W, 3)).astype(np.float32)), label_folder: list(label), "depth": list(depth)}
-        if normals:
-            normal = rng.normal(size=(n, H, W, 3)).astype(np.float32)
-            normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
-            normal[:, :2] = 0.0  # two rows without normals
-            maps["normal"] = list(normal)
-        write_npy_layout(str(root), split, maps)
-    return root
+H, W = 16, 32  # the fixture's image size
 
 
 def test_dataset_reads_the_layout_channels_first():

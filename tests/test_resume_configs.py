@@ -22,7 +22,7 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import assert_same_state, resumable_state
+from helpers import assert_same_state, resumable_state, write_dense_fixture
 from mtl_lightning.cli import MTLCLI
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
@@ -41,9 +41,18 @@ TINY = {
                                        "--data.init_args.num_test": 16, "--data.init_args.batch_size": 32},
     "DomainDigitsDataModule": {"--data.init_args.train_sizes": {"original": 64, "transposed": 48, "inverted": 32},
                                "--data.init_args.batch_size": 16},
+    "NYUv2DataModule": {"--data.init_args.batch_size": 2, "--model.encoder.init_args.filters": [4, 8, 8]},
+    "CityscapesDataModule": {"--data.init_args.batch_size": 2, "--model.encoder.init_args.filters": [4, 8, 8]},
     "QM9DataModule": {"--data.init_args.max_molecules": 48, "--data.init_args.num_val": 8,
                       "--data.init_args.num_test": 8, "--data.init_args.batch_size": 16,
                       "--model.encoder.init_args.dim": 16},
+}
+#: Data modules that read files: a tiny copy in their on-disk layout, written for each case; the options
+#: pointing at it (added to TINY's).
+FIXTURES = {
+    "NYUv2DataModule": lambda root: {"--data.init_args.root": str(write_dense_fixture(root))},
+    "CityscapesDataModule": lambda root: {"--data.init_args.root": str(
+        write_dense_fixture(root, classes=7, normals=False, label_folder="label_7"))},
 }
 #: Data modules whose optional dependencies may be missing (their cases skip, saying which).
 REQUIRES = {"QM9DataModule": ("torch_geometric", "pandas", "qm9pack")}
@@ -97,7 +106,13 @@ def case_of(path: Path) -> tuple[list[Path], dict[str, str]]:
                          "config ('mtl-lightning fit --config <base> --config <it>') and its folder has no ew.yaml.")
 
 
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+def is_sweep_grid(path: Path) -> bool:
+    """A grid file of ``mtl-lightning sweep`` (``methods:``, ``seeds:``…): it names runs, it is not one."""
+    keys = set(yaml.safe_load(path.read_text()) or {})
+    return bool(keys & {"methods", "seeds", "grid", "config"}) and not keys & {"trainer", "model", "data"}
+
+
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if not is_sweep_grid(p))
 
 
 def args_for(configs: list[Path], options: dict[str, str], root: Path, steps: int) -> list[str]:
@@ -136,6 +151,8 @@ def test_resumed_run_equals_straight_run_bit_for_bit(path, tmp_path, repo_on_pat
     missing = [m for m in REQUIRES.get(data, ()) if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{data} needs {missing}")
+    if data in FIXTURES:
+        options = {**options, **FIXTURES[data](tmp_path / "data")}
     if "--model.init_from" in options:  # fine-tuning: a checkpoint of a short run of its base
         base = tmp_path / "base"
         cli = MTLCLI(args=args_for(configs[:1], {}, base, 2), run=False, run_summary=False)

@@ -241,3 +241,18 @@ def test_wandb_launcher_writes_a_sweep_config_whose_agent_runs_the_same_runs(tmp
     assert run.name == "famo-lr=0.002-s2" and run.folder == str(tmp_path / "r" / "famo-lr=0.002-s2")
     with pytest.raises(SweepError, match="no run of the grid matches"):
         agent_run(runs, ["--method=famo", "--seed=7", "--model.optimizer.init_args.lr=0.002"])
+
+
+def test_shipped_grids_load_and_expand(tmp_path):
+    """Every grid under experiments/sweeps/ is valid and names existing configs (its runs are those the
+    docs' tables come from)."""
+    from mtl_lightning.sweep import expand, load_grid
+
+    grids = sorted((Path(__file__).resolve().parent.parent / "experiments" / "sweeps").glob("*.yaml"))
+    assert grids
+    for path in grids:
+        grid = load_grid(str(path))
+        runs = expand(grid, [], str(tmp_path))
+        assert runs and len({r.name for r in runs}) == len(runs), path.name
+        if path.name == "multidigits.yaml":
+            assert len(runs) == 15 and {r.group for r in runs} == {"ew", "uw", "dwa", "gls", "famo"}
