@@ -61,8 +61,8 @@ class GradientBalancer(BalancingMethod):
     #: The modes the method supports; the first is the default.
     supported_modes: ClassVar[tuple[str, ...]] = MODES
     #: False for methods that aggregate J without its Gramian (they get ``gramian=None``): the
-    #: Gramian is a full pass over the T×P Jacobian.
-    uses_gramian: ClassVar[bool] = True
+    #: Gramian is a full pass over the T×P Jacobian. A class default; an instance may set its own.
+    uses_gramian: bool = True
     #: The properties of :data:`PROPERTIES` the method's paper promises (a method lacking one says why
     #: where it removes it); the method registry's property suite checks each.
     promises: ClassVar[frozenset[str]] = frozenset(
@@ -116,6 +116,9 @@ class GradientBalancer(BalancingMethod):
         of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
         modified in place. Default: d = Jᵀw with w = :meth:`weights`.
         """
+        if gramian is None:
+            raise TypeError(f"{self.name} sets uses_gramian = False, so it must override aggregate() "
+                            "(the default one weights the task gradients from their Gramian).")
         w = self.weights(gramian, losses)
         return combine(w, jacobian), w
 
