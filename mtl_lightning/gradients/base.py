@@ -26,7 +26,7 @@ Semantics shared by every method (see the README, "Gradient balancing methods"):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -116,10 +116,8 @@ class GradientBalancer(BalancingMethod):
         of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
         modified in place. Default: d = Jᵀw with w = :meth:`weights`.
         """
-        if gramian is None:
-            raise TypeError(f"{self.name} sets uses_gramian = False, so it must override aggregate() "
-                            "(the default one weights the task gradients from their Gramian).")
-        w = self.weights(gramian, losses)
+        # None only where the method sets uses_gramian = False: its weights() does not read the Gramian
+        w = self.weights(cast(Tensor, gramian), losses)
         return combine(w, jacobian), w
 
     # -- the contract ---------------------------------------------------------------------------
