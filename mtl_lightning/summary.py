@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mtl_lightning._trainer import trainer_callbacks
+
 #: Metric keys that are not a task's result (per-step or per-weight logs).
 _SKIP_SUFFIXES = ("_step", "/weight")
 
@@ -116,7 +118,7 @@ class RunSummary(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.started = False
 
-    def _start(self, *args: Any) -> None:
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.started = True
 
     on_fit_start = on_sanity_check_start = on_validation_start = on_test_start = on_predict_start = _start
@@ -134,7 +136,7 @@ class RunSummary(Callback):
             run_dir = run_directory(trainer)
         except Exception:  # noqa: BLE001 - a summary never fails a run
             run_dir = None
-        for cb in trainer.callbacks:
+        for cb in trainer_callbacks(trainer):
             if isinstance(cb, RunConfigCallback) and cb.config_path:
                 config_path = cb.config_path
         for logger in trainer.loggers:
@@ -146,7 +148,7 @@ class RunSummary(Callback):
             if ckpt is not None:
                 checkpoints = {"best": getattr(ckpt, "best_model_path", None), "last": getattr(ckpt, "last_model_path", None)}
         elif trainer.ckpt_path:
-            checkpoints = {"loaded": trainer.ckpt_path}
+            checkpoints = {"loaded": str(trainer.ckpt_path)}
         self.last = format_summary(
             stage, dict(trainer.callback_metrics), task_names, run_dir, config_path, checkpoints, wandb
         )
