@@ -13,6 +13,7 @@ from typing import Any, NoReturn, Optional
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mtl_lightning._trainer import trainer_callbacks
 from mtl_lightning.fault_tolerance import RUN_ERROR_ATTR, FaultTolerance, check_resume_checkpoint, read_checkpoint
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.summary import RunSummary
@@ -76,11 +77,11 @@ class MTLArgumentParser(LightningArgumentParser):
     """Argument errors as two lines (the error and where to find the accepted options) instead of
     the full usage; ``MTL_LIGHTNING_TRACEBACK=1`` restores jsonargparse's behaviour."""
 
-    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if not getattr(self, "exit_on_error", True) or traceback_requested():
             super().error(message, ex)
         try:
-            from jsonargparse._common import debug_mode_active  # type: ignore[attr-defined]
+            from jsonargparse._common import debug_mode_active
 
             if debug_mode_active():
                 super().error(message, ex)
@@ -116,9 +117,9 @@ def _locate(err: BaseException) -> tuple[Optional[str], Optional[str]]:
         tb = exc.__traceback__
         while tb is not None:
             f_locals = tb.tb_frame.f_locals
-            component = f_locals.get("component")
-            if tb.tb_frame.f_code.co_name == "instantiate" and isinstance(getattr(component, "dest", None), str):
-                option = component.dest
+            dest = getattr(f_locals.get("component"), "dest", None)
+            if tb.tb_frame.f_code.co_name == "instantiate" and isinstance(dest, str):
+                option = dest
             for name in ("class_type", "val_class"):
                 value = f_locals.get(name)
                 if isinstance(value, type) and not value.__module__.startswith("jsonargparse"):
@@ -212,10 +213,11 @@ class MTLCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        if self.run_summary and not any(isinstance(cb, RunSummary) for cb in trainer.callbacks):
-            trainer.callbacks.append(RunSummary())
-        if self.fault_tolerance and not any(isinstance(cb, FaultTolerance) for cb in trainer.callbacks):
-            trainer.callbacks.append(FaultTolerance())
+        callbacks = trainer_callbacks(trainer)
+        if self.run_summary and not any(isinstance(cb, RunSummary) for cb in callbacks):
+            callbacks.append(RunSummary())
+        if self.fault_tolerance and not any(isinstance(cb, FaultTolerance) for cb in callbacks):
+            callbacks.append(FaultTolerance())
         return trainer
 
     @staticmethod
@@ -242,7 +244,7 @@ class MTLCLI(LightningCLI):
             # A ValueError before the stage started (datamodule/module set-up) is an input error; so is a
             # TaskConfigError whenever it comes (a task that does not fit its data or its head, found at
             # the first batch: e.g. a head built for another input size).
-            summary = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
+            summary = next((cb for cb in trainer_callbacks(self.trainer) if isinstance(cb, RunSummary)), None)
             started = summary is None or summary.started
             if not started or isinstance(err, TaskConfigError):
                 setattr(err, _CONFIG_ERROR_ATTR, ("set-up" if not started else f"{subcommand}", None, None))

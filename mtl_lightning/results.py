@@ -151,21 +151,21 @@ def summarize(records: Sequence[dict[str, Any]], split: str = "test") -> Table:
         columns.append(Column("delta_m", "Δm %", False))
     if any("delta_mtl" in r.mean for r in rows):
         columns.append(Column("delta_mtl", "Δ_MTL %", True))
-    rank_sums = {r.method: [] for r in rows}
+    rank_sums: dict[str, list[float]] = {r.method: [] for r in rows}
     for column in metric_columns:
-        values = {r.method: r.mean[column.key] for r in rows if column.key in r.mean}
-        for method, rank in _ranks(values, column.higher_is_better).items():
+        by_method = {r.method: r.mean[column.key] for r in rows if column.key in r.mean}
+        for method, rank in _ranks(by_method, column.higher_is_better).items():
             rank_sums[method].append(rank)
     for row in rows:
         if len(rank_sums[row.method]) == len(metric_columns):
             row.mean["mean_rank"] = sum(rank_sums[row.method]) / len(metric_columns)
     columns.append(Column("mean_rank", "MR", False))
-    best = {}
+    best: dict[str, set[str]] = {}
     for column in columns:
-        values = {r.method: r.mean[column.key] for r in rows if column.key in r.mean}
-        if values:
-            top = max(values.values()) if column.higher_is_better else min(values.values())
-            best[column.key] = {m for m, v in values.items() if v == top}
+        by_method = {r.method: r.mean[column.key] for r in rows if column.key in r.mean}
+        if by_method:
+            top = max(by_method.values()) if column.higher_is_better else min(by_method.values())
+            best[column.key] = {m for m, v in by_method.items() if v == top}
     return Table(split, columns, rows, best)
 
 
@@ -210,12 +210,12 @@ def format_table(table: Table, fmt: str = "md", digits: int = 4) -> str:
             head += [f"{c.key} {c.arrow}"] if c.key == "mean_rank" else [f"{c.key} {c.arrow} mean", f"{c.key} {c.arrow} std"]
         writer.writerow([*head, "best"])
         for row in table.rows:
-            cells: list[Any] = [row.method, row.runs]
+            record: list[Any] = [row.method, row.runs]
             for c in table.columns:
                 values = [row.mean.get(c.key)] if c.key == "mean_rank" else [row.mean.get(c.key), row.std.get(c.key)]
-                cells += ["" if v is None else repr(float(v)) for v in values]
+                record += ["" if v is None else repr(float(v)) for v in values]
             best = [c.key for c in table.columns if row.method in table.best.get(c.key, ())]
-            writer.writerow([*cells, ";".join(best)])
+            writer.writerow([*record, ";".join(best)])
         return out.getvalue()
     if fmt == "latex":
         arrows = {True: r"$\uparrow$", False: r"$\downarrow$"}

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mtl_lightning._trainer import trainer_callbacks
+
 #: Version of the ``results.json`` layout written by :meth:`RunSummary.write_results`.
 RESULTS_FORMAT = 1
 #: The results file's name in a run folder (``mtl-lightning sweep`` writes it; ``results`` reads it).
@@ -133,7 +135,7 @@ class RunSummary(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.started = False
 
-    def _start(self, *args: Any) -> None:
+    def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.started = True
 
     on_fit_start = on_sanity_check_start = on_validation_start = on_test_start = on_predict_start = _start
@@ -151,7 +153,7 @@ class RunSummary(Callback):
             run_dir = run_directory(trainer)
         except Exception:  # noqa: BLE001 - a summary never fails a run
             run_dir = None
-        for cb in trainer.callbacks:
+        for cb in trainer_callbacks(trainer):
             if isinstance(cb, RunConfigCallback) and cb.config_path:
                 config_path = cb.config_path
         for logger in trainer.loggers:
@@ -163,7 +165,7 @@ class RunSummary(Callback):
             if ckpt is not None:
                 checkpoints = {"best": getattr(ckpt, "best_model_path", None), "last": getattr(ckpt, "last_model_path", None)}
         elif trainer.ckpt_path:
-            checkpoints = {"loaded": trainer.ckpt_path}
+            checkpoints = {"loaded": str(trainer.ckpt_path)}
         metrics = dict(trainer.callback_metrics)
         self._record(metrics, tasks if isinstance(tasks, Mapping) else {}, task_names)
         self.progress = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step)}
@@ -190,9 +192,9 @@ class RunSummary(Callback):
                     else:
                         entry["metrics"].setdefault(task, {})[key] = value
             for key in ("delta_m", "delta_mtl"):
-                value = _value(metrics.get(f"{split}/{key}"))
-                if value is not None:
-                    entry[key] = value
+                aggregate = _value(metrics.get(f"{split}/{key}"))
+                if aggregate is not None:
+                    entry[key] = aggregate
             self.results[split] = entry
 
     def write_results(self, path: str, **meta: Any) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from mtl_lightning._trainer import trainer_callbacks
 from mtl_lightning.monitoring.baselines import _load_merged
 from mtl_lightning.summary import RESULTS_FILE  # a run is finished when this file exists in its folder
 SPEC_FILE = "sweep_run.json"  #: the run's arguments, written when the sweep is expanded
@@ -227,7 +228,8 @@ def expand(grid: dict[str, Any], configs: Sequence[str], root: str, wandb: Optio
     keys = list(grid["grid"])
     short = _short_keys(keys)
     base_callbacks = None
-    runs, names = [], set()
+    runs: list[Run] = []
+    names: set[str] = set()
     for method, spec in grid["methods"].items():
         method_args: list[str] = []
         if spec["callback"] is not None:
@@ -325,7 +327,7 @@ def run_one(folder: str, on_trainer: Any = None) -> dict[str, Any]:
     trainer = cli.trainer
     trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-    summary = next(cb for cb in trainer.callbacks if isinstance(cb, RunSummary))
+    summary = next(cb for cb in trainer_callbacks(trainer) if isinstance(cb, RunSummary))
     if not trainer.is_global_zero:
         return {}
     record = summary.write_results(

@@ -70,7 +70,8 @@ class WandbLogger(_LightningWandbLogger):
 
     def __init__(
         self,
-        *args: Any,
+        name: Optional[str] = None,
+        *,
         offline: Optional[bool] = None,
         save_dir: str = "runs",
         project: str = "mtl-lightning",
@@ -93,7 +94,7 @@ class WandbLogger(_LightningWandbLogger):
                 self._offline_reason = "no API key in WANDB_API_KEY or ~/.netrc"
         os.environ.setdefault("WANDB_SILENT", "true")
         os.makedirs(save_dir, exist_ok=True)
-        super().__init__(*args, offline=bool(offline), save_dir=save_dir, project=project, **kwargs)
+        super().__init__(name=name, offline=bool(offline), save_dir=save_dir, project=project, **kwargs)
         if self._wandb_init.get("anonymous") is None:  # wandb warns about the setting even when None
             self._wandb_init.pop("anonymous", None)
         self.init_timeout = init_timeout
@@ -276,7 +277,7 @@ def read_offline_run(run_file: str) -> tuple[dict[str, list[float]], dict[str, A
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind not in (1, 4):
             continue
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf class, no stub
         record.ParseFromString(pending)
         kind_name = record.WhichOneof("record_type")
         if kind_name == "history":

@@ -129,8 +129,9 @@ def replicate(module: nn.Module, count: int) -> nn.ModuleList:
     copies = nn.ModuleList(copy.deepcopy(module) for _ in range(count))
     for replica in list(copies)[1:]:
         for sub in replica.modules():
-            if hasattr(sub, "reset_parameters"):
-                sub.reset_parameters()
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
     return copies
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -86,6 +88,6 @@ class CGC(Architecture):
         return torch.stack([expert(x) for expert in self.shared_experts], dim=1)
 
     def read(self, z: Tensor, x: Tensor, task: str) -> Tensor:
-        own = [expert(x) for expert in self.task_experts[task]]
+        own = [expert(x) for expert in cast(nn.ModuleList, self.task_experts[task])]
         stacked = torch.cat([z, torch.stack(own, dim=1)], dim=1) if own else z
         return mix(self.gates[task](x), stacked)

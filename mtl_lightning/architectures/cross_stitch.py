@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,6 @@ class CrossStitch(Architecture):
         names = self.task_names
         features = [x] * len(names)
         for depth, stitch in enumerate(self.stitches):
-            outs = torch.stack([self.columns[n][depth](f) for n, f in zip(names, features)])
+            outs = torch.stack([cast(nn.ModuleList, self.columns[n])[depth](f) for n, f in zip(names, features)])
             features = list(torch.einsum("ts,s...->t...", stitch.to(outs.dtype), outs).unbind(0))
         return dict(zip(names, features))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,8 @@ def smooth_step(t: Tensor, gamma: float) -> Tensor:
 class DSelectKGate(nn.Module):
     """One task's DSelect-k gate: k binary-encoded selectors, each picking one of n experts through
     ⌈log₂ n⌉ smooth-step bits, combined by softmax weights (Hazimeh et al. 2021, Eq. 5-7)."""
+
+    codes: Tensor
 
     def __init__(self, num_experts: int, k: int, gamma: float, in_features: Optional[int]) -> None:
         super().__init__()
@@ -46,6 +48,8 @@ class DSelectKGate(nn.Module):
         if hasattr(self, "z_logits"):
             z, w = self.z_logits, self.w_logits
         else:
+            if x is None:
+                raise ValueError("DSelectKGate: a per-example gate needs the input x to select experts.")
             flat = x.flatten(1)
             z, w = self.z_layer(flat).view(-1, self.k, self.num_bits), self.w_layer(flat)
         bits = smooth_step(z, self.gamma).unsqueeze(-2)  # (…, k, 1, bits)
@@ -154,7 +158,7 @@ class DSelectK(Architecture):
             raise ValueError("DSelectK.expert_weights: per-example gates depend on the input.")
         out = {}
         for name, gate in self.gates.items():
-            outputs, weights = gate.selectors(None)
+            outputs, weights = cast(DSelectKGate, gate).selectors(None)
             out[name] = (weights.unsqueeze(-1) * outputs).sum(-2).detach()
         return out
 
@@ -163,7 +167,7 @@ class DSelectK(Architecture):
             return None
         total = torch.zeros((), device=next(self.gates.parameters()).device)
         for gate in self.gates.values():
-            outputs, _ = gate.selectors(None)
+            outputs, _ = cast(DSelectKGate, gate).selectors(None)
             if self.entropy_regularization:
                 total = total - self.entropy_regularization * (outputs * torch.log(outputs + 1e-6)).sum()
             if not self.power_of_two:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +114,8 @@ class MTAN(Architecture):
         names = self.task_names
         attended: dict[str, Tensor] = {}
         s = x
-        for j, stage in enumerate(self.stages):
+        for j, module in enumerate(self.stages):
+            stage = cast(nn.Sequential, module)  # checked in __init__
             u = stage[0](s)
             p = stage[1:](u) if len(stage) > 1 else u
             if u.shape[1] != self.widths[j] or p.shape[1] != self.widths[j]:
@@ -123,7 +124,7 @@ class MTAN(Architecture):
                 )
             for name in names:
                 source = u if j == 0 else torch.cat([u, _resize(self.blocks[j - 1](attended[name]), u)], dim=1)
-                mask = _resize(self.attention[name][j](source), p)
+                mask = _resize(cast(nn.ModuleList, self.attention[name])[j](source), p)
                 attended[name] = mask * p
             s = p
         return {name: self.tail(attended[name]) for name in names}

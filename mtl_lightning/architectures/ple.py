@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ class PLE(Architecture):
         return len(self.shared_experts)
 
     def build(self, task_names: list[str]) -> None:
-        levels, shared, own = self.num_levels, len(self.shared_experts[0]), self.num_task_experts
+        levels, shared, own = self.num_levels, len(self._shared_experts(0)), self.num_task_experts
         gate_inputs = [self.in_features, *self.widths[:-1]]
         self.task_experts = nn.ModuleList(
             nn.ModuleDict({name: replicate(e, own + 1)[1:] for name in task_names}) for e in self.template[0]
@@ -87,14 +87,23 @@ class PLE(Architecture):
         )
         self.template = []
 
+    def _shared_experts(self, level: int) -> nn.ModuleList:
+        return cast(nn.ModuleList, self.shared_experts[level])
+
+    @staticmethod
+    def _by_task(container: nn.ModuleList, level: int) -> nn.ModuleDict:
+        """Level ``level`` of ``task_experts`` or ``task_gates`` (a module by task name)."""
+        return cast(nn.ModuleDict, container[level])
+
     def parameter_roles(self) -> ParameterRoles:
         last = self.num_levels - 1
+        experts, gates = self.task_experts, self.task_gates
         task_own = {
-            name: parameters_of(self.task_experts[last][name], self.task_gates[last][name],
-                                self.task_gates[last - 1][name] if last > 0 else [])
+            name: parameters_of(self._by_task(experts, last)[name], self._by_task(gates, last)[name],
+                                self._by_task(gates, last - 1)[name] if last > 0 else [])
             for name in self.task_names
         }
-        lower_task_gates = [self.task_gates[l][n] for l in range(last - 1) for n in self.task_names]
+        lower_task_gates = [self._by_task(gates, l)[n] for l in range(last - 1) for n in self.task_names]
         return ParameterRoles(
             shared=parameters_of(self.shared_experts, [self.task_experts[l] for l in range(last)]),
             task_own=task_own,
@@ -106,10 +115,11 @@ class PLE(Architecture):
         task_in = {name: x for name in names}
         shared_in = x
         for level in range(self.num_levels):
-            shared_out = [expert(shared_in) for expert in self.shared_experts[level]]
-            own_out = {name: [expert(task_in[name]) for expert in self.task_experts[level][name]] for name in names}
+            task_experts, task_gates = self._by_task(self.task_experts, level), self._by_task(self.task_gates, level)
+            shared_out = [expert(shared_in) for expert in self._shared_experts(level)]
+            own_out = {name: [expert(task_in[name]) for expert in cast(nn.ModuleList, task_experts[name])] for name in names}
             next_in = {
-                name: mix(self.task_gates[level][name](task_in[name]), torch.stack(own_out[name] + shared_out, dim=1))
+                name: mix(task_gates[name](task_in[name]), torch.stack(own_out[name] + shared_out, dim=1))
                 for name in names
             }
             if level < self.num_levels - 1:

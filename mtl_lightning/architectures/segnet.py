@@ -31,8 +31,9 @@ def init_segnet_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.xavier_normal_(m.weight)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.BatchNorm2d):
+            if m.bias is not None:  # bias=False layers have none
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.constant_(m.weight, 1)
             nn.init.constant_(m.bias, 0)
 
@@ -96,7 +97,7 @@ class SegNet(nn.Module):
         d = s
         for i in range(len(self.filters)):
             level = len(self.filters) - 1 - i
-            g = F.max_unpool2d(d, indices[level], kernel_size=2, stride=2, output_size=enc_p[level].shape[-2:])
+            g = F.max_unpool2d(d, indices[level], kernel_size=(2, 2), stride=(2, 2), output_size=enc_p[level].shape[-2:])
             d = self.conv_block_dec[level](self.decoder_block[level](g))
             unpooled.append(g)
             decoded.append(d)

@@ -4,7 +4,7 @@ NYUv2 / Cityscapes results of MTAN, CAGrad, Nash-MTL and FAMO."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +95,13 @@ class SegNetMTAN(Architecture):
         levels = len(self.filters)
         features = {}
         for name in self.task_names:
-            enc_att, dec_att = self.encoder_att[name], self.decoder_att[name]
-            carried = None
+            enc_att = cast(nn.ModuleList, self.encoder_att[name])
+            dec_att = cast(nn.ModuleList, self.decoder_att[name])
+            carried: Optional[Tensor] = None
             for j in range(levels):
                 source = enc_u[j] if carried is None else torch.cat([enc_u[j], carried], dim=1)
                 carried = F.max_pool2d(self.encoder_block_att[j](enc_att[j](source) * enc_p[j]), kernel_size=2, stride=2)
+            assert carried is not None  # levels >= 2 (checked in __init__)
             for i in range(levels):
                 level = levels - 1 - i
                 up = F.interpolate(carried, scale_factor=2, mode="bilinear", align_corners=True)

@@ -66,7 +66,7 @@ class SoftSharing(Architecture):
         self.out_features = getattr(encoder, "out_features", None)
 
     def build(self, task_names: list[str]) -> None:
-        self.towers = nn.ModuleDict(zip(task_names, replicate(self.template[0], len(task_names))))
+        self.towers = nn.ModuleDict(dict(zip(task_names, replicate(self.template[0], len(task_names)))))
         self.template = []
 
     def parameter_roles(self) -> ParameterRoles:

@@ -51,6 +51,9 @@ class TaskGraph(Architecture):
     """
 
     supported_modes = ("param", "rep")
+    out_features: int
+    adjacency_sum: Tensor
+    adjacency_count: Tensor
 
     def __init__(self, encoder: nn.Module, width: int | None = None, heads: int = 1) -> None:
         super().__init__()

@@ -42,8 +42,9 @@ class BalancingMethod(Callback):
     """
 
     needs_all_tasks_per_step: ClassVar[bool] = False
-    #: Extra options of the optimizer parameter group of this method's learnable parameters.
-    parameter_group_options: ClassVar[dict[str, Any]] = {}
+    #: Extra options of the optimizer parameter group of this method's learnable parameters (a class
+    #: default; an instance may set its own, e.g. from an ``lr`` argument).
+    parameter_group_options: dict[str, Any] = {}
     #: Whether the method registry (:mod:`mtl_lightning.registry`) lists the class: False for a
     #: wrapper that is no method of its own (it needs an argument to be one, e.g. TorchJD's adapter).
     registered: ClassVar[bool] = True

@@ -39,8 +39,9 @@ class LastEpochsAverage(pl.Callback):
         record: dict[str, dict[str, float]] = {}
         for name, task in tasks.items():
             values = {m: trainer.callback_metrics.get(f"val/{name}/{m}") for m in task.metric_specs()}
-            if all(v is not None for v in values.values()):
-                record[name] = {m: float(v) for m, v in values.items()}
+            present = {m: v for m, v in values.items() if v is not None}
+            if len(present) == len(values):
+                record[name] = {m: float(v) for m, v in present.items()}
         if record:
             self.history = (self.history + [record])[-self.epochs:]
             self._pending = True

@@ -18,8 +18,11 @@ class StepBackend(Protocol):
     advances per-step schedules.
     """
 
-    world_size: int
-    global_rank: int
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def global_rank(self) -> int: ...
 
     def backward(self, loss: Tensor) -> None: ...
 

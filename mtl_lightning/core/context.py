@@ -14,8 +14,11 @@ from mtl_lightning.core.backend import StepBackend
 class MultiTaskModel(Protocol):
     """The model as the step and the balancing methods see it (``MultiTaskModule`` is one)."""
 
-    task_names: list[str]
-    architecture: Any
+    @property
+    def task_names(self) -> list[str]: ...
+
+    @property
+    def architecture(self) -> Any: ...
 
     def compute_losses(
         self, batch: Any, stage: str = "train", head_inputs: Optional[dict[str, Tensor]] = None

@@ -231,12 +231,13 @@ def per_task_gradients(
     if head_inputs is not None and len(head_inputs) == len(losses):
         rows, unshared_grads = _aliased_backward(losses, features, head_inputs, unshared)
     else:
-        rows, unshared_grads = [], None
+        rows = []
+        summed: Optional[list[Optional[Tensor]]] = None
         for loss in losses:
             grads = torch.autograd.grad(loss, [features, *unshared], retain_graph=True, allow_unused=True)
             rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
-            unshared_grads = _add(unshared_grads, grads[1:])
-        unshared_grads = _zeros_for_none(unshared_grads, unshared)
+            summed = _add(summed, grads[1:])
+        unshared_grads = _zeros_for_none(summed if summed is not None else [None] * len(unshared), unshared)
     cotangents = torch.stack(rows)
     if mode == "rep":
         return [cotangents], unshared_grads
@@ -256,8 +257,8 @@ def _aliased_backward(losses: list[Tensor], features: Tensor, head_inputs: Seque
     aliases = [x for x in head_inputs if x is not None and x.requires_grad]
     grads = torch.autograd.grad(losses, [*aliases, *unshared], retain_graph=True, allow_unused=True)
     by_alias = iter(grads[: len(aliases)])
-    rows = [next(by_alias) if x is not None and x.requires_grad else None for x in head_inputs]
-    rows = [torch.zeros_like(features) if g is None else g for g in rows]
+    found = [next(by_alias) if x is not None and x.requires_grad else None for x in head_inputs]
+    rows = [torch.zeros_like(features) if g is None else g for g in found]
     return rows, _zeros_for_none(grads[len(aliases):], unshared)
 
 

@@ -142,11 +142,12 @@ class MultiTaskDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.datasets: dict[str, Dataset] = {}
-        self.sampler: Optional[EpochShuffleSampler] = None
+        self.datasets: Mapping[str, Dataset] = {}
+        #: The training sampler (a subclass may use another ``DistributedSampler``, see ``mixing``).
+        self.sampler: Optional[DistributedSampler] = None
         self._progress = {"epoch": 0, "position": 0}  # training samples of this rank consumed in the epoch
 
-    def build_datasets(self) -> dict[str, Dataset]:
+    def build_datasets(self) -> Mapping[str, Dataset]:
         """Return ``{"train": …, "val": …, "test": …}`` (``"predict"`` optional)."""
         raise NotImplementedError
 
@@ -208,7 +209,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # Once per training batch the loop consumes (the loader may prefetch ahead): the resumable position.
         trainer = getattr(self, "trainer", None)
-        if self.sampler is not None and trainer is not None and trainer.training:
+        if isinstance(self.sampler, EpochShuffleSampler) and trainer is not None and trainer.training:
             if self.sampler.epoch != self._progress["epoch"]:
                 self._progress = {"epoch": self.sampler.epoch, "position": self.sampler.skip}
             self._progress["position"] += _batch_length(batch)

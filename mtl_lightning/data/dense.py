@@ -194,10 +194,10 @@ class DenseNpyDataModule(MultiTaskDataModule):
     def build_datasets(self) -> dict[str, Dataset]:
         missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(self.root, s))]
         if missing:
-            folders = ", ".join(["image", *self.task_folders.values()])
+            expected = ", ".join(["image", *self.task_folders.values()])
             raise FileNotFoundError(
                 f"{type(self).__name__}: root '{self.root}' has no {' or '.join(f'{m}/' for m in missing)} folder. "
-                f"Expected the {self.benchmark} .npy layout: <root>/train/{{{folders}}}/<i>.npy and the same under "
+                f"Expected the {self.benchmark} .npy layout: <root>/train/{{{expected}}}/<i>.npy and the same under "
                 f"<root>/val/; {self.source}. Nothing is downloaded at run time."
             )
         folders = {"input": "image", **self.task_folders}

@@ -183,7 +183,7 @@ class MixedDataset(Dataset):
         self.datasets = dict(datasets)
 
     def __len__(self) -> int:
-        return sum(len(d) for d in self.datasets.values())  # type: ignore[arg-type]
+        return sum(len(d) for d in self.datasets.values())  # type: ignore[arg-type, misc]  # Dataset declares no __len__
 
     def __getitem__(self, plan: StepPlan) -> dict[str, Any]:
         return {task: fetch_batch(self.datasets[task], indices) for task, indices in plan}

@@ -502,10 +502,10 @@ class QM9DataModule(MultiTaskDataModule):
         for label, value in (("num_val", num_val), ("num_test", num_test)):
             if value < 1:
                 raise ValueError(f"QM9DataModule: {label} must be >= 1, got {value}.")
-        for label, value in (("num_train", num_train), ("subset_val", subset_val), ("subset_test", subset_test),
+        for label, limit in (("num_train", num_train), ("subset_val", subset_val), ("subset_test", subset_test),
                              ("max_molecules", max_molecules)):
-            if value is not None and value < 1:
-                raise ValueError(f"QM9DataModule: {label} must be >= 1 or None, got {value}.")
+            if limit is not None and limit < 1:
+                raise ValueError(f"QM9DataModule: {label} must be >= 1 or None, got {limit}.")
         self.split, self.num_val, self.num_test = split, num_val, num_test
         self.subsets = {"train": num_train, "val": subset_val, "test": subset_test}
         self.max_molecules = max_molecules

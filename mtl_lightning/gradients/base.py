@@ -26,7 +26,7 @@ Semantics shared by every method (see the README, "Gradient balancing methods"):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +61,8 @@ class GradientBalancer(BalancingMethod):
     #: The modes the method supports; the first is the default.
     supported_modes: ClassVar[tuple[str, ...]] = MODES
     #: False for methods that aggregate J without its Gramian (they get ``gramian=None``): the
-    #: Gramian is a full pass over the T×P Jacobian.
-    uses_gramian: ClassVar[bool] = True
+    #: Gramian is a full pass over the T×P Jacobian. A class default; an instance may set its own.
+    uses_gramian: bool = True
     #: The properties of :data:`PROPERTIES` the method's paper promises (a method lacking one says why
     #: where it removes it); the method registry's property suite checks each.
     promises: ClassVar[frozenset[str]] = frozenset(
@@ -119,7 +119,8 @@ class GradientBalancer(BalancingMethod):
         of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
         modified in place. Default: d = Jᵀw with w = :meth:`weights`.
         """
-        w = self.weights(gramian, losses)
+        # None only where the method sets uses_gramian = False: its weights() does not read the Gramian
+        w = self.weights(cast(Tensor, gramian), losses)
         return combine(w, jacobian), w
 
     # -- the contract ---------------------------------------------------------------------------

@@ -78,8 +78,9 @@ class DBMTL(GradientBalancer):
         entry is). Without loss scaling a non-finite gradient is not skipped by the optimizer either
         (the NaN-loss check names the task), and the check, a full pass over J, is not made.
         """
+        assert self.average is not None  # aggregate() sets it on the first step
         if may_overflow:
-            norms = sum(_row_norms(g) for g in log_grads)
+            norms = torch.stack([_row_norms(g) for g in log_grads]).sum(0)
             finite = all_finite(norms)
             if not reading_is_free(finite):  # neutralise the update instead of synchronising
                 rate = torch.where(finite, torch.full_like(norms[0], 1 - keep), torch.zeros_like(norms[0]))

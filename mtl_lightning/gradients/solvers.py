@@ -139,6 +139,7 @@ def active_set_qp(hessian: Tensor, linear: Optional[Tensor], start: Tensor, simp
         matrix = _face_matrix(hessian, f)
         # The multiplier ν of Σx = 1 (0 without the simplex): x_F = ν H_FF⁻¹1 − H_FF⁻¹c_F, Σx_F = 1.
         if not simplex:
+            assert linear is not None  # checked above
             level = None
             target = torch.linalg.solve_ex(matrix, linear * f).result.neg_()
         elif linear is None:
@@ -268,18 +269,18 @@ def cagrad_simplex_weights(gramian: Tensor, c: float, iterations: Optional[int] 
     # c√(‖g_0‖²/s)√(wᵀ(M/s)w). (Not by ‖g_0‖² itself, which vanishes when the gradients cancel.)
     m = m / m.diagonal().mean().clamp_min(1e-30)
     b = m.mean(dim=1)  # M 1/T
-    c = b.mean().clamp_min(0).sqrt() * c
+    c_scaled = b.mean().clamp_min(0).sqrt() * c
     if t == 2:
-        return _cagrad_pair_weights(m, b, c)
+        return _cagrad_pair_weights(m, b, c_scaled)
 
     # A float32 Gramian can be slightly indefinite (g_1 ≈ −g_2): wᵀMw is clamped at 0.
     def value(rows: Tensor) -> Tensor:
-        return rows @ b + c * (((rows @ m) * rows).sum(-1).clamp_min(0) + 1e-8).sqrt()
+        return rows @ b + c_scaled * (((rows @ m) * rows).sum(-1).clamp_min(0) + 1e-8).sqrt()
 
     def grad_hessian(x: Tensor) -> tuple[Tensor, Tensor]:
         mx = m @ x
         squared = (mx @ x).clamp_min(0) + 1e-8  # wᵀMw, as in value()
-        k = c / squared.sqrt()
+        k = c_scaled / squared.sqrt()
         # ∇ = b + c Mx/r and ∇² = c(M/r − Mx(Mx)ᵀ/r³) with r = √(xᵀMx): k = c/r.
         hessian = (m - torch.outer(mx, mx / squared)) * k
         hessian.diagonal().add_(1e-12)

@@ -51,6 +51,7 @@ class SegmentationMetrics(torchmetrics.Metric):
     """
 
     full_state_update = False
+    confmat: Tensor
 
     def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
         super().__init__()
@@ -103,6 +104,9 @@ class DepthMetrics(torchmetrics.Metric):
     """
 
     full_state_update = False
+    abs_sum: Tensor
+    rel_sum: Tensor
+    count: Tensor
 
     def __init__(self, invalid_value: float = 0.0) -> None:
         super().__init__()
@@ -148,6 +152,9 @@ class NormalMetrics(torchmetrics.Metric):
 
     full_state_update = False
     thresholds = (11.25, 22.5, 30.0)
+    histogram: Tensor
+    angle_sum: Tensor
+    within: Tensor
 
     def __init__(self, bin_width: float = 0.01) -> None:
         super().__init__()

@@ -51,6 +51,8 @@ class LightningBackend:
     def optimizer_step(self) -> None:
         module = self.module
         optimizer = module.optimizers()
+        if isinstance(optimizer, list):
+            raise RuntimeError(f"{type(module).__name__} steps one optimizer; configure_optimizers() returned {len(optimizer)}.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler = module.lr_schedulers()

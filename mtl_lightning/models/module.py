@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, cast
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from mtl_lightning._trainer import fast_dev_run, log_every_n_steps, trainer_callbacks
 from mtl_lightning.architectures.base import Architecture, ParameterRoles
 from mtl_lightning.architectures.hard_sharing import HardSharing
 from mtl_lightning.balancing.base import BalancingMethod
@@ -142,12 +143,15 @@ class MultiTaskModule(pl.LightningModule):
         in_features = getattr(encoder, "out_features", None)
         heads = {}
         for task in tasks:
-            if task.head is None and not isinstance(in_features, int):
+            if task.head is not None:
+                heads[task.name] = task.head
+            elif isinstance(in_features, int):
+                heads[task.name] = task.build_head(in_features)
+            else:
                 raise TaskConfigError(
                     f"Task '{task.name}' has no head and the encoder {type(encoder).__name__} has no integer "
                     "'out_features' to build one; give the task a head or the encoder out_features."
                 )
-            heads[task.name] = task.build_head(in_features) if task.head is None else task.head
             expected = head_input_size(heads[task.name])
             if isinstance(in_features, int) and expected is not None and expected != in_features:
                 raise TaskConfigError(
@@ -165,7 +169,10 @@ class MultiTaskModule(pl.LightningModule):
 
         self.eval_metrics = nn.ModuleDict(
             {
-                stage: nn.ModuleDict({t.name: torchmetrics.MetricCollection(t.make_metrics()) for t in tasks})
+                stage: nn.ModuleDict({
+                    # torchmetrics types a dict, not a Mapping
+                    t.name: torchmetrics.MetricCollection(t.make_metrics()) for t in tasks  # type: ignore[arg-type]
+                })
                 for stage in ("val", "test")
             }
         )
@@ -499,7 +506,7 @@ class MultiTaskModule(pl.LightningModule):
                         f"{type(datamodule).__name__} does not provide (it provides {sorted(available)})."
                     )
         self._check_data(datamodule, stage)
-        balancers = [cb for cb in self.trainer.callbacks if isinstance(cb, BalancingMethod)]
+        balancers = [cb for cb in trainer_callbacks(self.trainer) if isinstance(cb, BalancingMethod)]
         if len(balancers) > 1:
             raise ValueError(
                 "Only one balancing method can be used at a time; trainer.callbacks has "
@@ -583,7 +590,8 @@ class MultiTaskModule(pl.LightningModule):
             return [{"params": model}]
         by_role = {"shared": self.shared_parameters(), "mixing": self.mixing_parameters(),
                    "task": [p for name in self.tasks for p in self.task_parameters(name)]}
-        groups, placed = [], set()
+        groups: list[dict[str, Any]] = []
+        placed: set[int] = set()
         for role, options in self.parameter_groups.items():
             params = by_role[role]
             if not params:
@@ -595,7 +603,7 @@ class MultiTaskModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = self._parameter_groups()
-        owners = {b.name: b for b in self.trainer.callbacks if isinstance(b, BalancingMethod)}
+        owners = {b.name: b for b in trainer_callbacks(self.trainer) if isinstance(b, BalancingMethod)}
         for owner_name, keys in self._balancing_groups.items():
             options = dict(getattr(owners.get(owner_name), "parameter_group_options", {}))
             groups.append({"params": [self.balancing_parameters[k] for k in keys], "weight_decay": 0.0, **options})
@@ -680,9 +688,9 @@ class MultiTaskModule(pl.LightningModule):
     def _is_logging_step(self) -> bool:
         """Whether the loggers write this training batch (Lightning's ``log_every_n_steps`` rule)."""
         trainer = self.trainer
-        if trainer.fast_dev_run:
+        if fast_dev_run(trainer):
             return True
-        every = trainer.log_every_n_steps
+        every = log_every_n_steps(trainer)
         return every > 0 and (trainer.fit_loop.epoch_loop.total_batch_idx + 1) % every == 0
 
     def _log_training(self, result: Any, routed: Optional[Mapping[str, Any]]) -> None:
@@ -795,6 +803,12 @@ class MultiTaskModule(pl.LightningModule):
             scheduler.step()
 
     # ------------------------------------------------------------------ evaluation
+    def _eval_loss(self, stage: str, task: str) -> torchmetrics.MeanMetric:
+        return cast(torchmetrics.MeanMetric, cast(nn.ModuleDict, self.eval_losses[stage])[task])
+
+    def _eval_metrics(self, stage: str, task: str) -> torchmetrics.MetricCollection:
+        return cast(torchmetrics.MetricCollection, cast(nn.ModuleDict, self.eval_metrics[stage])[task])
+
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         _, outputs, targets = self._forward_batch(batch, stage)
         for name, output in outputs.items():
@@ -803,8 +817,8 @@ class MultiTaskModule(pl.LightningModule):
             count = int(mask.sum())
             if count == 0:
                 continue
-            self.eval_losses[stage][name].update(task.loss(output, target), weight=count)
-            self.eval_metrics[stage][name].update(*task.metric_inputs(output, target))
+            self._eval_loss(stage, name).update(task.loss(output, target), weight=count)
+            self._eval_metrics(stage, name).update(*task.metric_inputs(output, target))
 
     # With one loader per task (multi-dataset mixing) batches are task-routed, so metrics are
     # accumulated by task and the dataloader index is not needed.
@@ -824,13 +838,13 @@ class MultiTaskModule(pl.LightningModule):
         results: dict[str, dict[str, float]] = {}
         total = 0.0
         for name in self.tasks:
-            loss = self.eval_losses[stage][name].compute()
-            values = {k: float(v) for k, v in self.eval_metrics[stage][name].compute().items()} if torch.isfinite(loss) else None
+            loss = self._eval_loss(stage, name).compute()
+            values = {k: float(v) for k, v in self._eval_metrics(stage, name).compute().items()} if torch.isfinite(loss) else None
             # Reset outside inference mode: states created inside it could not be updated by a later
             # validation that runs under no_grad (validate() followed by fit()).
             with torch.inference_mode(False):
-                self.eval_losses[stage][name].reset()
-                self.eval_metrics[stage][name].reset()
+                self._eval_loss(stage, name).reset()
+                self._eval_metrics(stage, name).reset()
             if values is None:  # no labelled sample on any rank
                 continue
             total += float(loss)

@@ -168,9 +168,9 @@ class NegativeTransferMonitor(Callback):
                 raise ValueError(f"NegativeTransferMonitor: {option} must be an integer >= {low}, got {value!r}.")
         if not 0.0 < downweight_factor < 1.0:
             raise ValueError(f"NegativeTransferMonitor: downweight_factor must lie in (0, 1), got {downweight_factor}.")
-        for option, value in (("harm_significance", harm_significance), ("harm_min_fraction", harm_min_fraction), ("delta_tolerance", delta_tolerance)):
-            if not value >= 0:
-                raise ValueError(f"NegativeTransferMonitor: {option} must be >= 0, got {value!r}.")
+        for option, bound in (("harm_significance", harm_significance), ("harm_min_fraction", harm_min_fraction), ("delta_tolerance", delta_tolerance)):
+            if not bound >= 0:
+                raise ValueError(f"NegativeTransferMonitor: {option} must be >= 0, got {bound!r}.")
         if max_networks is not None and max_networks < 1:
             raise ValueError(f"NegativeTransferMonitor: max_networks must be >= 1, got {max_networks}.")
         self.interval = interval
@@ -371,7 +371,7 @@ class NegativeTransferMonitor(Callback):
             with torch.enable_grad():
                 losses, present = self._task_losses(module, batch, device)
                 rows = [i for i in range(num_tasks) if losses[i] is not None]
-                per_param = task_jacobian([losses[i] for i in rows], params, batched=self.batched_jacobian, retain_graph=False)
+                per_param = task_jacobian([l for l in losses if l is not None], params, batched=self.batched_jacobian, retain_graph=False)
             local = torch.zeros(num_tasks, sum(p.numel() for p in params), device=device, dtype=torch.float32)
             local[rows] = flatten_jacobian(per_param).float()
             base_local = torch.stack([l.detach() if l is not None else torch.zeros((), device=device) for l in losses])
@@ -399,8 +399,8 @@ class NegativeTransferMonitor(Callback):
                             continue
                         for p, p0, u in zip(params, originals, updates):
                             p.copy_(p0 + u[i])
-                        after, _ = self._task_losses(module, batch, device)
-                        lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=device) for l in after])
+                        moved, _ = self._task_losses(module, batch, device)
+                        lookahead[i] = torch.stack([l if l is not None else torch.zeros((), device=device) for l in moved])
                 finally:
                     for p, p0 in zip(params, originals):
                         p.copy_(p0)
@@ -577,8 +577,9 @@ class NegativeTransferMonitor(Callback):
             return
         span = self.val_deltas[-self.patience:]
         for task in self.task_names:
-            series = [h.get(task) for h in span]
-            if any(v is None for v in series) or self._already_flagged(task, "negative_delta"):
+            values = [h.get(task) for h in span]
+            series = [v for v in values if v is not None]
+            if len(series) < len(values) or self._already_flagged(task, "negative_delta"):
                 continue
             if all(v < -self.delta_tolerance for v in series):
                 self._flag(trainer, module, task, "negative_delta", {"delta_percent": series, "tolerance": self.delta_tolerance})

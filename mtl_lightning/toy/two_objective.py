@@ -29,7 +29,7 @@ import argparse
 import importlib
 import time
 from functools import partial
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, cast
 
 import lightning.pytorch as pl
 import torch
@@ -188,6 +188,8 @@ class TwoObjectiveModule(MultiTaskModule):
             :data:`TOY_SHIFTED_LOSSES`).
     """
 
+    encoder: PointEncoder
+
     def __init__(self, start: Sequence[float], scales: Sequence[float] = PAPER_SCALES, lr: float = 1e-3,
                  offsets: Sequence[float] = (0.0, 0.0)) -> None:
         tasks = [ToyObjective(name, i, float(s)) for i, (name, s) in enumerate(zip(TASKS, scales))]
@@ -202,7 +204,7 @@ class TwoObjectiveModule(MultiTaskModule):
         # has no heads, so ``head_inputs`` stays empty.
         z = self.encoder.x.unsqueeze(0)  # the representation: one sample
         l1, l2 = two_objective_losses(z[0])
-        scales = [t.scale for t in self.tasks.values()]  # type: ignore[attr-defined]
+        scales = [cast(ToyObjective, t).scale for t in self.tasks.values()]
         losses = {"f1": scales[0] * l1, "f2": scales[1] * l2}
         if any(self.offsets):
             losses = {n: l + o for (n, l), o in zip(losses.items(), self.offsets)}
@@ -359,8 +361,9 @@ def _compact_png(path: str) -> None:
         from PIL import Image
     except ImportError:  # matplotlib depends on pillow; nothing to do without it
         return
-    with Image.open(path) as image:
-        image.load()
+    with Image.open(path) as opened:
+        opened.load()
+        image: Image.Image = opened
         if image.mode == "RGBA" and image.getchannel("A").getextrema() == (255, 255):
             image = image.convert("RGB")
         image.save(path, optimize=True)
