@@ -16,6 +16,11 @@ convolution and max-pool by one 3×3 stride-1 convolution (the small-image varia
 Koltun's CelebA model, ``multi_task/models/multi_faces_resnet.py`` of
 github.com/isl-org/MultiObjectiveOptimization). Both change the shapes, so an ImageNet checkpoint
 then no longer fits; the tests use ``width=4`` to stay fast.
+
+``hidden_features`` adds LibMTL's shared projection on the pooled features (``examples/office/main.py``
+of github.com/median-research-group/LibMTL): ``Linear → BatchNorm1d → ReLU → Dropout``, the linear
+layer initialised N(0, 0.005²) with bias 0.1. It is not part of a torchvision checkpoint, so it keeps
+its initialisation when ``weights`` are loaded.
 """
 
 from __future__ import annotations
@@ -102,10 +107,13 @@ class ResNet(nn.Module):
         in_channels: Image channels.
         stem: ``"imagenet"`` (7×7 stride-2 convolution and 3×3 max-pool) or ``"cifar"`` (one 3×3
             stride-1 convolution, no pool; for small images).
+        hidden_features: Width of an optional shared ``Linear → BatchNorm1d → ReLU → Dropout`` layer
+            after the pooling (LibMTL's Office encoder uses 512); ``None``: none.
+        hidden_dropout: Dropout of that layer (LibMTL: 0.5).
     """
 
     def __init__(self, depth: int = 18, weights: Optional[str] = None, width: int = 64, in_channels: int = 3,
-                 stem: str = "imagenet") -> None:
+                 stem: str = "imagenet", hidden_features: Optional[int] = None, hidden_dropout: float = 0.0) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(DEPTHS)}, got {depth}.")
@@ -135,13 +143,22 @@ class ResNet(nn.Module):
             layers += [block(channels, planes) for _ in range(count - 1)]
             setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.out_features = channels
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        self.hidden: Optional[nn.Sequential] = None
+        if hidden_features is not None:
+            if hidden_features < 1 or not 0 <= hidden_dropout < 1:
+                raise ValueError(f"ResNet: hidden_features must be >= 1 and hidden_dropout in [0, 1), got "
+                                 f"{hidden_features} and {hidden_dropout}.")
+            linear = nn.Linear(channels, hidden_features)
+            nn.init.normal_(linear.weight, 0.0, 0.005)
+            nn.init.constant_(linear.bias, 0.1)
+            self.hidden = nn.Sequential(linear, nn.BatchNorm1d(hidden_features), nn.ReLU(), nn.Dropout(hidden_dropout))
+        self.out_features = hidden_features if hidden_features is not None else channels
         self.weights = weights
         if weights is not None:
             self.load_weights(weights)
@@ -152,14 +169,18 @@ class ResNet(nn.Module):
                              f"got {tuple(x.shape)}.")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.avgpool(x).flatten(1)
+        features = self.avgpool(x).flatten(1)
+        return features if self.hidden is None else self.hidden(features)
 
     def load_weights(self, path: str) -> None:
-        """Load a torchvision-named state dict from ``path`` (``fc.*`` ignored); raise naming the
-        file and the first mismatching keys or shapes."""
+        """Load a torchvision-named state dict from ``path`` into the backbone (``fc.*`` ignored; a
+        ``hidden.*`` layer is loaded when the file has it); raise naming the file and the first
+        mismatching keys or shapes."""
         state = read_state_dict(path)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         expected = self.state_dict()
+        if not any(k.startswith("hidden.") for k in state):
+            expected = {k: v for k, v in expected.items() if not k.startswith("hidden.")}
         # Old torchvision checkpoints lack BatchNorm's num_batches_tracked; BatchNorm fills it in.
         missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in expected]
