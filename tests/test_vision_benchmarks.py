@@ -69,6 +69,8 @@ def test_celeba_reads_labels_splits_and_images(tmp_path):
     subset = CelebADataModule(str(tmp_path), attributes=["Smiling", "Male"], image_size=(8, 12))
     subset.setup()
     assert subset.label_keys == {"Smiling", "Male"} and subset.datasets["val"][0]["input"].shape == (3, 8, 12)
+    male = torch.from_numpy((values[:6, CELEBA_ATTRIBUTES.index("Male")] + 1) // 2)
+    assert torch.equal(subset.datasets["train"].label_tensor("Male"), male)
 
 
 def test_celeba_flip_is_seeded_by_epoch_and_image(tmp_path):
