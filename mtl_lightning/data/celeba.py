@@ -27,6 +27,7 @@ none).
 from __future__ import annotations
 
 import os
+from array import array
 from typing import Optional, Sequence
 
 import numpy as np
@@ -48,6 +49,7 @@ CELEBA_ATTRIBUTES = (
 #: Split codes of ``list_eval_partition.txt``.
 CELEBA_SPLITS = {"train": 0, "val": 1, "test": 2}
 
+_SIGNS = {"1": 1, "-1": -1}
 IMAGES, ATTRIBUTES, PARTITION = "img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"
 LAYOUT = (f"<root>/{IMAGES}/<file>.jpg, <root>/{ATTRIBUTES} (count, 40 names, then '<file> ±1 …' per image) and "
           f"<root>/{PARTITION} ('<file> 0|1|2'), torchvision's CelebA layout")
@@ -56,23 +58,29 @@ LAYOUT = (f"<root>/{IMAGES}/<file>.jpg, <root>/{ATTRIBUTES} (count, 40 names, th
 def read_attribute_file(path: str) -> tuple[list[str], list[str], np.ndarray]:
     """``(attribute names, file names, values)`` of a ``list_attr_celeba.txt``; values are ±1 int8
     of shape (images, attributes). Raises naming the file and line at fault."""
+    files: list[str] = []
+    flat = array("b")  # 8 M values for the full file: one byte each, not a Python list of strings
     with open(path, encoding="utf-8") as f:
-        lines = [line.split() for line in f if line.strip()]
-    if len(lines) < 2 or len(lines[0]) != 1 or not lines[0][0].isdigit():
-        raise ValueError(f"{path}: line 1 must be the number of images and line 2 the attribute names.")
-    count, names, rows = int(lines[0][0]), lines[1], lines[2:]
-    if len(rows) != count:
-        raise ValueError(f"{path}: line 1 says {count} images but {len(rows)} rows follow.")
-    for number, row in enumerate(rows, start=3):
-        if len(row) != len(names) + 1:
-            raise ValueError(f"{path}, line {number}: expected a file name and {len(names)} values (±1), got {len(row) - 1}.")
-    files = [row[0] for row in rows]
-    values = np.array([row[1:] for row in rows], dtype=np.int8).reshape(len(rows), len(names))
-    bad = np.argwhere((values != 1) & (values != -1))
-    if len(bad):
-        r, c = bad[0]
-        raise ValueError(f"{path}, line {r + 3}: attribute '{names[c]}' is {values[r, c]}; values must be 1 or -1.")
-    return names, files, values
+        header = [f.readline().split(), f.readline().split()]
+        if len(header[0]) != 1 or not header[0][0].isdigit() or not header[1]:
+            raise ValueError(f"{path}: line 1 must be the number of images and line 2 the attribute names.")
+        count, names = int(header[0][0]), header[1]
+        for number, line in enumerate(f, start=3):
+            row = line.split()
+            if not row:
+                continue
+            if len(row) != len(names) + 1:
+                raise ValueError(f"{path}, line {number}: expected a file name and {len(names)} values (±1), "
+                                 f"got {len(row) - 1}.")
+            values = [_SIGNS.get(v) for v in row[1:]]
+            if None in values:
+                bad = values.index(None)
+                raise ValueError(f"{path}, line {number}: attribute '{names[bad]}' is {row[bad + 1]}; values must be 1 or -1.")
+            files.append(row[0])
+            flat.extend(values)
+    if len(files) != count:
+        raise ValueError(f"{path}: line 1 says {count} images but {len(files)} rows follow.")
+    return names, files, np.frombuffer(flat, dtype=np.int8).reshape(len(files), len(names))
 
 
 def read_partition_file(path: str) -> dict[str, int]:
