@@ -131,6 +131,7 @@ def _files(dataset) -> list[str]:
 
 def test_office_reads_domains_as_tasks_with_a_deterministic_disjoint_split(tmp_path):
     root = write_office(tmp_path / "o31", ("amazon", "dslr", "webcam"), nested=("amazon",))
+    (root / "dslr" / ".ipynb_checkpoints").mkdir()  # hidden entries are not classes
     dm = Office31DataModule(str(root), image_size=8, batch_size=2)
     dm.setup()
     assert dm.task_names == ["amazon", "dslr", "webcam"] and dm.classes == list(CLASSES)

@@ -14,7 +14,7 @@ The layout: one folder per domain, one sub-folder per class, the images inside::
 
 Nothing is downloaded: get the archives from the datasets' sites and give the folder holding the
 domain folders as ``root``. Classes are the sorted sub-folder names (torchvision ``ImageFolder``'s
-order), and every domain must have the same ones.
+order; hidden ``.*`` entries are skipped), and every domain must have the same ones.
 
 **Protocol.** Each domain is a :class:`~mtl_lightning.tasks.ClassificationTask` over the same classes,
 label key = the domain's name. LibMTL splits every domain 60/20/20 into train/val/test with fixed
@@ -122,13 +122,13 @@ class OfficeDataModule(MultiDatasetDataModule):
         listing: dict[str, dict[str, list[str]]] = {}
         for domain in self.domains:
             folder = self.domain_folder(domain)
-            classes = sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c)))
+            classes = sorted(c for c in os.listdir(folder) if not c.startswith(".") and os.path.isdir(os.path.join(folder, c)))
             if not classes:
                 raise FileNotFoundError(f"{folder}: no class folders; expected {folder}/<class>/<image>.jpg.")
             listing[domain] = {}
             for cls in classes:
                 path = os.path.join(folder, cls)
-                files = [f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                files = [f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
                 if not files:
                     raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}).")
                 listing[domain][cls] = [os.path.join(path, f) for f in files]
