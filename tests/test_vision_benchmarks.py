@@ -207,10 +207,6 @@ def test_resnet_weights_reload_and_mismatches_name_the_file(tmp_path):
     assert torch.equal(reloaded.eval()(x), source.eval()(x))
     with_hidden = ResNet(18, weights=str(tmp_path / "r18.pth"), width=4, hidden_features=8)  # the hidden layer keeps its init
     assert torch.equal(with_hidden.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
-    from safetensors.torch import save_file
-
-    save_file(source.state_dict(), str(tmp_path / "r18.safetensors"))
-    assert torch.equal(ResNet(18, weights=str(tmp_path / "r18.safetensors"), width=4).eval()(x), source(x))
     with pytest.raises(ValueError, match=r"r18.pth' does not fit ResNet\(depth=18, width=8.*shape mismatch"):
         ResNet(18, weights=str(tmp_path / "r18.pth"), width=8)
     with pytest.raises(ValueError, match=r"r18.pth' does not fit ResNet\(depth=34.*missing key"):
@@ -220,6 +216,14 @@ def test_resnet_weights_reload_and_mismatches_name_the_file(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "hook": _Pickled()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match=r"evil.pth' with torch.load\(weights_only=True\)"):  # refused, never unpickled
         ResNet(18, weights=str(tmp_path / "evil.pth"), width=4)
+
+
+def test_resnet_reads_safetensors(tmp_path):
+    save_file = pytest.importorskip("safetensors.torch").save_file  # optional: not a dependency
+    source = ResNet(18, width=4).eval()
+    save_file(source.state_dict(), str(tmp_path / "r18.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ResNet(18, weights=str(tmp_path / "r18.safetensors"), width=4).eval()(x), source(x))
 
 
 class _Pickled:
