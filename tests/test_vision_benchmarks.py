@@ -161,6 +161,33 @@ def test_office_reads_domains_as_tasks_with_a_deterministic_disjoint_split(tmp_p
     assert "Real World" in dm.datasets["Real_World"]["train"].paths[0]
 
 
+def test_office_reads_libmtls_split_lists(tmp_path):
+    domains = ("amazon", "dslr", "webcam")
+    root = write_office(tmp_path / "o31", domains, nested=("amazon",))
+    lists = tmp_path / "data_txt"
+    lists.mkdir()
+    order = {"mug": 0, "back_pack": 1, "bike": 2}  # LibMTL's labels are not in sorted class order
+    for domain in domains:  # LibMTL's format: "<domain>/images/<class>/<file> <label>"
+        for split, frames in (("train", range(3)), ("val", [3]), ("test", [4])):
+            lines = [f"{domain}/images/{cls}/frame_{i:04d}.jpg {order[cls]}" for cls in CLASSES for i in frames]
+            (lists / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+    dm = Office31DataModule(str(root), split_lists=str(lists), image_size=8, split_seed=5)  # the seed is unused
+    dm.setup()
+    assert dm.classes == ["mug", "back_pack", "bike"]
+    test = dm.datasets["dslr"]["test"]  # dslr/ has no images/ level on disk: the list entry is found anyway
+    assert [Path(p).name for p in test.paths] == ["frame_0004.jpg"] * 3 and test.label_tensor("dslr").tolist() == [1, 2, 0]
+    assert {s: len(d) for s, d in dm.datasets["amazon"].items()} == {"train": 9, "val": 3, "test": 3}
+    (lists / "webcam_val.txt").write_text("webcam/images/mug/frame_0009.jpg 0\n")
+    with pytest.raises(FileNotFoundError, match=r"webcam_val.txt, line 1: image 'webcam/images/mug/frame_0009.jpg' not found"):
+        Office31DataModule(str(root), split_lists=str(lists)).setup()
+    (lists / "webcam_val.txt").write_text("webcam/images/mug/frame_0003.jpg 1\n")
+    with pytest.raises(ValueError, match=r"webcam_val.txt, line 1: label 1 is class 'mug', but elsewhere 'back_pack'"):
+        Office31DataModule(str(root), split_lists=str(lists)).setup()
+    (lists / "webcam_val.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"split_lists has no webcam_val.txt"):
+        Office31DataModule(str(root), split_lists=str(lists)).setup()
+
+
 def test_office_layout_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no folder 'webcam'.*<root>/<domain>/<class>/<image>.jpg.*Nothing is downloaded"):
         Office31DataModule(str(write_office(tmp_path / "a", ("amazon", "dslr")))).setup()

@@ -18,15 +18,22 @@ order; hidden ``.*`` entries are skipped), and every domain must have the same o
 
 **Protocol.** Each domain is a :class:`~mtl_lightning.tasks.ClassificationTask` over the same classes,
 label key = the domain's name. LibMTL splits every domain 60/20/20 into train/val/test with fixed
-file lists (``examples/office/data_txt/<dataset>/<domain>_{train,val,test}.txt``, one
-"<path> <label>" line per image) that it ships rather than generates; those lists are not reproduced
-here. This module makes a seeded split with the same proportions: within each (domain, class), the
-sorted files are shuffled by a generator seeded from (``split_seed``, domain, class) and cut at 60 %
-and 80 %, so the split is deterministic, stratified by class and independent of the other domains,
-of the training seed and of the machine. Images are resized to ``image_size`` (default 224×224),
-scaled to [0, 1] and normalised with ImageNet's statistics, with no augmentation (LibMTL's
-``office_Dataset`` transform). Training is LibMTL's multi-input mode: one batch of every domain at
-every step, the smaller domains cycling (``policy: all``, :class:`~mtl_lightning.data.AllTasks`).
+file lists that it ships rather than generates (``examples/office/data_txt/<dataset>/<domain>_{train,val,test}.txt``,
+one ``<path relative to the root> <label>`` line per image, e.g. ``dslr/images/back_pack/frame_0008.jpg 0``;
+its labels are not in sorted class order). Two ways to split:
+
+* ``split_lists``: the folder holding those ``.txt`` files (copy ``data_txt/office-31`` or
+  ``data_txt/office-home`` from the LibMTL repository). Images, splits and labels are then exactly
+  LibMTL's.
+* otherwise a seeded split with the same proportions: within each (domain, class), the sorted files
+  are shuffled by a generator seeded from (``split_seed``, domain, class) and cut at 60 % and 80 %.
+  It is deterministic, stratified by class and independent of the other domains, of the training
+  seed and of the machine, but not LibMTL's images; labels are the sorted class folders' indices.
+
+Images are resized to ``image_size`` (default 224×224), scaled to [0, 1] and normalised with
+ImageNet's statistics, with no augmentation (LibMTL's ``office_Dataset`` transform). Training is
+LibMTL's multi-input mode: one batch of every domain at every step, the smaller domains cycling
+(``policy: all``, :class:`~mtl_lightning.data.AllTasks`).
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class OfficeDataModule(MultiDatasetDataModule):
         split_fractions: Fractions of each (domain, class) for train and val; the rest is test.
         split_seed: Seed of the split (kept apart from ``seed``, the training order, so that runs
             with different seeds share one split, as LibMTL's fixed lists do).
+        split_lists: A folder with LibMTL's ``<domain>_{train,val,test}.txt`` lists: use their split
+            and labels instead of the seeded split (``split_fractions`` and ``split_seed`` are then unused).
         policy, steps_per_epoch, batch_size, eval_batch_size, num_workers, seed: see
             :class:`~mtl_lightning.data.mixing.MultiDatasetDataModule` (``batch_size`` is per domain).
     """
@@ -86,7 +95,7 @@ class OfficeDataModule(MultiDatasetDataModule):
     source = "the dataset's site"
 
     def __init__(self, root: str, domains: Optional[Sequence[str]] = None, image_size: Size = 224,
-                 split_fractions: tuple[float, float] = (0.6, 0.2), split_seed: int = 0,
+                 split_fractions: tuple[float, float] = (0.6, 0.2), split_seed: int = 0, split_lists: Optional[str] = None,
                  policy: Union[str, MixingPolicy] = "all", steps_per_epoch: Optional[int] = None, batch_size: int = 64,
                  eval_batch_size: Optional[int] = None, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__(policy, None, steps_per_epoch, batch_size, eval_batch_size, num_workers, seed)
@@ -101,6 +110,7 @@ class OfficeDataModule(MultiDatasetDataModule):
             raise ValueError(f"{name}: split_fractions (train, val) must be in (0, 1) with a sum <= 1, got {split_fractions}.")
         self.split_fractions = (float(train), float(val))
         self.split_seed = split_seed
+        self.split_lists = os.path.expanduser(split_lists) if split_lists is not None else None
         self.image_size = as_size(image_size, name)
         self.classes: list[str] = []
 
@@ -119,6 +129,20 @@ class OfficeDataModule(MultiDatasetDataModule):
         )
 
     def build_datasets(self) -> dict[str, dict[str, ImageFilesDataset]]:  # type: ignore[override]
+        parts = self.listed_parts() if self.split_lists is not None else self.seeded_parts()
+        datasets: dict[str, dict[str, ImageFilesDataset]] = {}
+        for domain, by_split in parts.items():
+            datasets[domain] = {
+                split: ImageFilesDataset(paths, {domain: torch.tensor(labels, dtype=torch.long)}, self.image_size,
+                                         IMAGENET_MEAN, IMAGENET_STD)
+                for split, (paths, labels) in by_split.items() if paths
+            }
+            if "train" not in datasets[domain]:
+                raise ValueError(f"{type(self).__name__}: domain '{domain}' has no training images after the split.")
+        return datasets
+
+    def seeded_parts(self) -> dict[str, dict[str, tuple[list[str], list[int]]]]:
+        """``{domain: {split: (paths, labels)}}`` of the seeded split; labels index the sorted classes."""
         listing: dict[str, dict[str, list[str]]] = {}
         for domain in self.domains:
             folder = self.domain_folder(domain)
@@ -140,7 +164,7 @@ class OfficeDataModule(MultiDatasetDataModule):
                 lacking = sorted(set(self.classes) - set(listing[domain]))
                 raise ValueError(f"{type(self).__name__}: domain '{domain}' has other classes than '{first}': "
                                  f"extra {extra}, missing {lacking}. Every domain needs the same class folders.")
-        datasets: dict[str, dict[str, ImageFilesDataset]] = {}
+        out: dict[str, dict[str, tuple[list[str], list[int]]]] = {}
         for domain in self.domains:
             parts: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "val", "test")}
             for label, (cls, files) in enumerate(listing[domain].items()):
@@ -149,14 +173,54 @@ class OfficeDataModule(MultiDatasetDataModule):
                 for split, chosen in seeded_split(names, self.split_fractions, self.split_seed, domain, cls).items():
                     parts[split][0].extend(by_name[n] for n in chosen)
                     parts[split][1].extend([label] * len(chosen))
-            datasets[domain] = {
-                split: ImageFilesDataset(paths, {domain: torch.tensor(labels, dtype=torch.long)}, self.image_size,
-                                         IMAGENET_MEAN, IMAGENET_STD)
-                for split, (paths, labels) in parts.items() if paths
-            }
-            if "train" not in datasets[domain]:
-                raise ValueError(f"{type(self).__name__}: domain '{domain}' has no training images after the split.")
-        return datasets
+            out[domain] = parts
+        return out
+
+    def listed_parts(self) -> dict[str, dict[str, tuple[list[str], list[int]]]]:
+        """``{domain: {split: (paths, labels)}}`` read from LibMTL's ``<domain>_<split>.txt`` lists."""
+        out: dict[str, dict[str, tuple[list[str], list[int]]]] = {}
+        classes: dict[int, str] = {}
+        for domain in self.domains:
+            folder = self.domain_folder(domain)  # raises with the expected layout when the domain is absent
+            out[domain] = {}
+            for split in ("train", "val", "test"):
+                path = os.path.join(str(self.split_lists), f"{domain}_{split}.txt")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"{type(self).__name__}: split_lists has no {domain}_{split}.txt ({path}); expected LibMTL's lists "
+                        f"<domain>_{{train,val,test}}.txt (examples/office/data_txt/ of github.com/median-research-group/LibMTL)."
+                    )
+                paths, labels = [], []
+                with open(path, encoding="utf-8") as f:
+                    for number, line in enumerate(f, start=1):
+                        if not line.strip():
+                            continue
+                        name, _, label = line.rstrip("\n").rpartition(" ")
+                        if not name or not label.strip().isdigit():
+                            raise ValueError(f"{path}, line {number}: expected '<image path> <label>', got {line.strip()!r}.")
+                        image = self._listed_image(name, folder)
+                        if image is None:
+                            raise FileNotFoundError(f"{path}, line {number}: image '{name}' not found under root '{self.root}'.")
+                        paths.append(image)
+                        labels.append(int(label))
+                        cls = os.path.basename(os.path.dirname(image))
+                        if classes.setdefault(int(label), cls) != cls:
+                            raise ValueError(f"{path}, line {number}: label {label} is class '{cls}', but elsewhere "
+                                             f"'{classes[int(label)]}'.")
+                out[domain][split] = (paths, labels)
+        self.classes = [classes.get(i, "") for i in range(max(classes) + 1)] if classes else []
+        return out
+
+    def _listed_image(self, name: str, folder: str) -> Optional[str]:
+        """The file of a list entry: ``<root>/<name>``, or the same path under the domain's folder as
+        found on disk (``Real World`` for ``Real_World``, with or without ``images/``)."""
+        direct = os.path.join(self.root, name)
+        if os.path.isfile(direct):
+            return direct
+        parts = name.replace("\\", "/").split("/")
+        tail = parts[2:] if len(parts) > 3 and parts[1] == "images" else parts[1:]
+        moved = os.path.join(folder, *tail)
+        return moved if os.path.isfile(moved) else None
 
 
 class Office31DataModule(OfficeDataModule):
