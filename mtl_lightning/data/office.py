@@ -12,8 +12,8 @@ The layout: one folder per domain, one sub-folder per class, the images inside::
   4,357 images), 65 classes. The archive spells the last folder ``Real World``; either spelling is
   found, the task is named ``Real_World`` (LibMTL's name).
 
-Nothing is downloaded: get the archives from the datasets' sites and give the folder holding the
-domain folders as ``root``. Classes are the sorted sub-folder names (torchvision ``ImageFolder``'s
+Nothing is downloaded: get the archives from the datasets' pages (LibMTL's ``examples/office/README.md``
+links both) and give the folder holding the domain folders as ``root``. Classes are the sorted sub-folder names (torchvision ``ImageFolder``'s
 order; hidden ``.*`` entries are skipped), and every domain must have the same ones.
 
 **Protocol.** Each domain is a :class:`~mtl_lightning.tasks.ClassificationTask` over the same classes,
@@ -228,7 +228,7 @@ class Office31DataModule(OfficeDataModule):
 
     all_domains = OFFICE31_DOMAINS
     benchmark = "Office-31"
-    source = "the page of its authors (Saenko et al. 2010)"
+    source = "www.cc.gatech.edu/~judy/domainadapt/ (the link in LibMTL's examples/office/README.md)"
 
 
 class OfficeHomeDataModule(OfficeDataModule):
@@ -236,7 +236,7 @@ class OfficeHomeDataModule(OfficeDataModule):
 
     all_domains = OFFICE_HOME_DOMAINS
     benchmark = "Office-Home"
-    source = "the Office-Home page (hemanthdv.github.io/officehome-dataset/)"
+    source = "www.hemanthdv.org/officeHomeDataset.html (the link in LibMTL's examples/office/README.md)"
 
 
 __all__ = ["OfficeDataModule", "Office31DataModule", "OfficeHomeDataModule", "OFFICE31_DOMAINS", "OFFICE_HOME_DOMAINS",
