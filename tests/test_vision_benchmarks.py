@@ -83,6 +83,9 @@ def test_celeba_flip_is_seeded_by_epoch_and_image(tmp_path):
     assert torch.equal(draws[5], train[(5, 2)]["input"])  # same (seed, epoch, image): same draw
     assert all(torch.equal(d, plain) or torch.equal(d, plain.flip(-1)) for d in draws)
     assert 0 < sum(torch.equal(d, plain.flip(-1)) for d in draws) < 12
+    batch = next(iter(dm.train_dataloader()))  # the training sampler indexes it by (epoch, image)
+    epoch0 = [train[(0, i)]["input"] for i in range(6)]
+    assert batch["input"].shape == (6, 3, 8, 8) and all(any(torch.equal(x, y) for y in epoch0) for x in batch["input"])
     other = CelebADataModule(str(tmp_path), image_size=8, augmentation=True, seed=4)
     other.setup()
     assert [torch.equal(other.datasets["train"][(e, 2)]["input"], plain) for e in range(12)] != \
