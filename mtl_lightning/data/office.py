@@ -12,15 +12,15 @@ The layout: one folder per domain, one sub-folder per class, the images inside::
   4,357 images), 65 classes. The archive spells the last folder ``Real World``; either spelling is
   found, the task is named ``Real_World`` (LibMTL's name).
 
-Nothing is downloaded: get the archives from the datasets' pages (LibMTL's ``examples/office/README.md``
-links both) and give the folder holding the domain folders as ``root``. Classes are the sorted sub-folder names (torchvision ``ImageFolder``'s
-order; hidden ``.*`` entries are skipped), and every domain must have the same ones.
+Nothing is downloaded: get the archives from the datasets' pages (LibMTL's
+``examples/office/README.md`` links both) and give the folder holding the domain folders as ``root``.
 
 **Protocol.** Each domain is a :class:`~mtl_lightning.tasks.ClassificationTask` over the same classes,
 label key = the domain's name. LibMTL splits every domain 60/20/20 into train/val/test with fixed
-file lists that it ships rather than generates (``examples/office/data_txt/<dataset>/<domain>_{train,val,test}.txt``,
-one ``<path relative to the root> <label>`` line per image, e.g. ``dslr/images/back_pack/frame_0008.jpg 0``;
-its labels are not in sorted class order). Two ways to split:
+file lists that it ships rather than generates
+(``examples/office/data_txt/<dataset>/<domain>_{train,val,test}.txt``, one ``<path relative to the
+root> <label>`` line per image, e.g. ``dslr/images/back_pack/frame_0008.jpg 0``; its labels are not
+in sorted class order). Two ways to split:
 
 * ``split_lists``: the folder holding those ``.txt`` files (copy ``data_txt/office-31`` or
   ``data_txt/office-home`` from the LibMTL repository). Images, splits and labels are then exactly
@@ -28,7 +28,9 @@ its labels are not in sorted class order). Two ways to split:
 * otherwise a seeded split with the same proportions: within each (domain, class), the sorted files
   are shuffled by a generator seeded from (``split_seed``, domain, class) and cut at 60 % and 80 %.
   It is deterministic, stratified by class and independent of the other domains, of the training
-  seed and of the machine, but not LibMTL's images; labels are the sorted class folders' indices.
+  seed and of the machine, but not LibMTL's images. The classes are then the sorted sub-folder names
+  (torchvision ``ImageFolder``'s order; hidden ``.*`` entries are skipped), each domain must have
+  the same ones, and a label is its class's index.
 
 Images are resized to ``image_size`` (default 224×224), scaled to [0, 1] and normalised with
 ImageNet's statistics, with no augmentation (LibMTL's ``office_Dataset`` transform). Training is
