@@ -3,5 +3,6 @@
 from mtl_lightning.architectures import CrossStitch, SegNet, SoftSharing
 from mtl_lightning.models.encoders import MLP, SmallCNN
 from mtl_lightning.models.module import MultiTaskModule
+from mtl_lightning.models.resnet import ResNet
 
-__all__ = ["MultiTaskModule", "MLP", "SmallCNN", "SegNet", "SoftSharing", "CrossStitch"]
+__all__ = ["MultiTaskModule", "MLP", "SmallCNN", "ResNet", "SegNet", "SoftSharing", "CrossStitch"]
