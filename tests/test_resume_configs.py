@@ -43,16 +43,42 @@ TINY = {
                                "--data.init_args.batch_size": 16},
     "NYUv2DataModule": {"--data.init_args.batch_size": 2, "--model.encoder.init_args.filters": [4, 8, 8]},
     "CityscapesDataModule": {"--data.init_args.batch_size": 2, "--model.encoder.init_args.filters": [4, 8, 8]},
+    "CelebADataModule": {"--data.init_args.image_size": 8, "--data.init_args.batch_size": 3,
+                         "--model.encoder.init_args.width": 4},
+    "Office31DataModule": {"--data.init_args.image_size": 32, "--data.init_args.batch_size": 3,
+                           "--model.encoder.init_args.width": 4, "--model.encoder.init_args.hidden_features": 8},
+    "OfficeHomeDataModule": {"--data.init_args.image_size": 32, "--data.init_args.batch_size": 3,
+                             "--model.encoder.init_args.width": 4, "--model.encoder.init_args.hidden_features": 8},
     "QM9DataModule": {"--data.init_args.max_molecules": 48, "--data.init_args.num_val": 8,
                       "--data.init_args.num_test": 8, "--data.init_args.batch_size": 16,
                       "--model.encoder.init_args.dim": 16},
 }
 #: Data modules that read files: a tiny copy in their on-disk layout, written for each case; the options
 #: pointing at it (added to TINY's).
+def _celeba(root: Path) -> dict[str, str]:
+    from test_vision_benchmarks import write_celeba
+
+    write_celeba(root)  # 6 training images: 2 steps per epoch in batches of 3
+    return {"--data.init_args.root": str(root)}
+
+
+def _office(domains: tuple[str, ...]) -> Any:
+    def write(root: Path) -> dict[str, str]:
+        from test_vision_benchmarks import write_office
+
+        # 6 training images per domain; the seeded split (the header's command points at LibMTL's lists)
+        return {"--data.init_args.root": str(write_office(root, domains, per_class=3)), "--data.init_args.split_lists": "null"}
+
+    return write
+
+
 FIXTURES = {
     "NYUv2DataModule": lambda root: {"--data.init_args.root": str(write_dense_fixture(root))},
     "CityscapesDataModule": lambda root: {"--data.init_args.root": str(
         write_dense_fixture(root, classes=7, normals=False, label_folder="label_7"))},
+    "CelebADataModule": _celeba,
+    "Office31DataModule": _office(("amazon", "dslr", "webcam")),
+    "OfficeHomeDataModule": _office(("Art", "Clipart", "Product", "Real_World")),
 }
 #: Data modules whose optional dependencies may be missing (their cases skip, saying which).
 REQUIRES = {"QM9DataModule": ("torch_geometric", "pandas", "qm9pack")}

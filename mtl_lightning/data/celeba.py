@@ -72,12 +72,11 @@ def read_attribute_file(path: str) -> tuple[list[str], list[str], np.ndarray]:
             if len(row) != len(names) + 1:
                 raise ValueError(f"{path}, line {number}: expected a file name and {len(names)} values (±1), "
                                  f"got {len(row) - 1}.")
-            values = [_SIGNS.get(v) for v in row[1:]]
-            if None in values:
-                bad = values.index(None)
+            bad = next((i for i, v in enumerate(row[1:]) if v not in _SIGNS), None)
+            if bad is not None:
                 raise ValueError(f"{path}, line {number}: attribute '{names[bad]}' is {row[bad + 1]}; values must be 1 or -1.")
             files.append(row[0])
-            flat.extend(values)
+            flat.extend(_SIGNS[v] for v in row[1:])
     if len(files) != count:
         raise ValueError(f"{path}: line 1 says {count} images but {len(files)} rows follow.")
     return names, files, np.frombuffer(flat, dtype=np.int8).reshape(len(files), len(names))

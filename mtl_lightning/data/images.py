@@ -27,7 +27,8 @@ def as_size(size: Size, where: str) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
         raise ValueError(f"{where}: image_size must be a positive int or [height, width], got {size!r}.")
-    return pair  # type: ignore[return-value]
+    height, width = pair
+    return int(height), int(width)
 
 
 def load_image(path: str, size: tuple[int, int], mean: Sequence[float] = IMAGENET_MEAN,
@@ -40,7 +41,7 @@ def load_image(path: str, size: tuple[int, int], mean: Sequence[float] = IMAGENE
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.BILINEAR)
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

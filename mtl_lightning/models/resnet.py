@@ -112,6 +112,13 @@ class ResNet(nn.Module):
         hidden_dropout: Dropout of that layer (LibMTL: 0.5).
     """
 
+    #: The stages, set by name (``layer1``…``layer4``) as torchvision names them.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+    maxpool: nn.Module
+
     def __init__(self, depth: int = 18, weights: Optional[str] = None, width: int = 64, in_channels: int = 3,
                  stem: str = "imagenet", hidden_features: Optional[int] = None, hidden_dropout: float = 0.0) -> None:
         super().__init__()
