@@ -379,6 +379,20 @@ def run_local(runs: Sequence[Run], jobs: int = 1) -> dict[str, str]:
     return {r.name: status[r.name] for r in runs}
 
 
+def _release_wandb_run() -> None:
+    """Mark the W&B run as preempted and close it, so that the requeued attempt, which resumes the same
+    run id, is not refused with "run ID is in use" while W&B's service still holds it open."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    try:
+        run.mark_preempting()
+        wandb.finish(exit_code=1)  # type: ignore[union-attr]  # wandb is a module when run is set
+    except Exception as err:  # noqa: BLE001 - a W&B failure must not lose the checkpoint just saved
+        print(f"[sweep] could not close the W&B run before requeueing: {err}", flush=True)
+
+
 class SweepJob:
     """What each SLURM (submitit) job runs: :func:`run_one` on a run folder. On preemption or
     timeout submitit calls :meth:`checkpoint`, which saves the training state to
@@ -404,6 +418,7 @@ class SweepJob:
             path = os.path.join(folder, "checkpoints", "preempted.ckpt")
             trainer.save_checkpoint(path)
             print(f"[sweep] preempted: saved {path}; requeueing", flush=True)
+        _release_wandb_run()
         self._trainer = None
         return DelayedSubmission(SweepJob(), folder)
 
