@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mtl_lightning.models.transformer import require
+from mtl_lightning.extras import require
 
 
 def load_state_dict_file(path: str, owner: str) -> dict[str, Tensor]:

@@ -12,37 +12,14 @@ The batch carries the tokens as a dict under the model's ``input_key``:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from mtl_lightning.extras import check_model_dir, require
+
 POOLINGS = ("cls", "mean", "last_token", "tokens")
-
-
-def require(module: str, extra: str) -> Any:
-    """Import ``module`` or raise an ImportError naming the mtl-lightning extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"'{module}' is not installed; it is the optional '{extra}' extra: pip install \"mtl-lightning[{extra}]\""
-        ) from error
-
-
-def check_model_dir(path: str, owner: str) -> str:
-    """``path`` as a string, or a FileNotFoundError saying what the folder must hold."""
-    path = os.fspath(path)
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"{owner}: path={path!r} is not a model folder (expected a directory with config.json and the weights, "
-            "as written by save_pretrained). Fetch the model once where there is network access, e.g. "
-            "huggingface_hub.snapshot_download(repo_id, local_dir=...), and point the config at that folder."
-        )
-    return path
 
 
 class TransformerEncoder(nn.Module):
@@ -84,6 +61,7 @@ class TransformerEncoder(nn.Module):
         self.pooling = pooling
         self.out_features: int = int(self.backbone.config.hidden_size)
         self.backbone.requires_grad_(trainable)
+        self.backbone.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as it finds them
 
     def forward(self, x: Any) -> Tensor:
         if isinstance(x, Tensor):
