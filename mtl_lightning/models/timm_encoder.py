@@ -64,13 +64,15 @@ class TimmEncoder(nn.Module):
         self.backbone = timm.create_model(name, pretrained=False, in_chans=in_chans, **kwargs)
         if pretrained_path is not None:
             state = load_state_dict_file(os.fspath(pretrained_path), "TimmEncoder")
+            own = self.backbone.state_dict()
             if features == "pooled":  # a classifier checkpoint: its head is not part of the backbone
-                head = {k for k in state if k not in self.backbone.state_dict()}
-                state = {k: v for k, v in state.items() if k not in head}
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-            if missing:
-                raise KeyError(f"TimmEncoder: {pretrained_path!r} lacks weights of '{name}' (e.g. {missing[:5]}); "
-                               "is it a checkpoint of another model?")
+                state = {k: v for k, v in state.items() if k in own}
+            missing = [k for k in own if k not in state]
+            mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+            if missing or mismatched:
+                raise ValueError(f"TimmEncoder: pretrained_path={pretrained_path!r} does not fit '{name}' "
+                                 f"(missing {missing[:4]}, other shapes {mismatched[:4]}); is it a checkpoint of another model?")
+            self.backbone.load_state_dict(state, strict=features == "pooled")
         self.name = name
         self.features = features
         self.out_channels: list[int] = (list(self.backbone.feature_info.channels()) if features == "multiscale"
