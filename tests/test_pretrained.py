@@ -22,10 +22,11 @@ from mtl_lightning import MultiTaskModule  # noqa: E402
 from mtl_lightning.architectures import PerTaskLoRA, check_roles  # noqa: E402
 from mtl_lightning.architectures.lora import LoRALinear  # noqa: E402
 from mtl_lightning.cli import MTLCLI  # noqa: E402
-from mtl_lightning.data import JokesDataModule  # noqa: E402
+from mtl_lightning.data import JokesDataModule, TensorDictDataset  # noqa: E402
+from mtl_lightning.data.datamodule import collate_batched  # noqa: E402
 from mtl_lightning.gradients import UPGrad  # noqa: E402
 from mtl_lightning.models import TransformerEncoder  # noqa: E402
-from mtl_lightning.tasks import ClassificationTask, RegressionTask  # noqa: E402
+from mtl_lightning.tasks import ClassificationTask, RegressionTask, TaskConfigError, TokenClassificationTask  # noqa: E402
 
 pytestmark = pytest.mark.one_thread  # small models: one intra-op thread is faster on few cores
 
@@ -265,3 +266,38 @@ def test_minilm_example_runs(tmp_path):
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
     ])
     assert len(csv_losses(tmp_path)) == 3
+
+
+# -- token-level tasks ---------------------------------------------------------------------------------------
+def token_data(n: int = 64, length: int = 12) -> TensorDictDataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 1000, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    tag = lambda labels: labels.where(mask.bool(), torch.full_like(labels, -100))  # noqa: E731
+    return TensorDictDataset({"input": {"input_ids": ids * mask, "attention_mask": mask},
+                              "parity": tag(ids % 2), "big": tag((ids >= 500).long())})
+
+
+def test_token_tasks_train_on_per_token_features(tiny_bert):
+    torch.manual_seed(0)
+    model = MultiTaskModule(TransformerEncoder(str(tiny_bert), pooling="tokens"),
+                            [TokenClassificationTask("parity", 2), TokenClassificationTask("big", 2)],
+                            optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    data = token_data()
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, collate_fn=collate_batched)
+    probe = data[list(range(16))]
+    with torch.no_grad():
+        before = sum(model.compute_losses(probe, "val")[2].values())
+    trainer = quiet_trainer(max_epochs=6, limit_val_batches=0)
+    trainer.fit(model, loader)
+    with torch.no_grad():
+        _, outputs, after = model.compute_losses(probe, "val")
+    assert outputs["parity"].shape == (16, 12, 2)
+    assert float(sum(after.values())) < 0.5 * float(before)  # 1.51 -> 0.24
+
+
+def test_a_token_task_on_pooled_features_is_named(tiny_bert):
+    model = MultiTaskModule(TransformerEncoder(str(tiny_bert), pooling="cls"), [TokenClassificationTask("parity", 2)])
+    with pytest.raises(TaskConfigError, match="parity.*pooling: tokens"):
+        model.compute_losses(token_data(8)[list(range(8))], "train")
