@@ -26,7 +26,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     config_end = args.index("--config") + 2 if "--config" in args else 1
     args[config_end:config_end] = ["--model.encoder.init_args.encoder.init_args.path", folder,
                                    "--data.init_args.tokenizer_path", folder]
-    cli_main(args)
+    if argv is None:  # as a script: the CLI reads sys.argv (edited in place)
+        sys.argv[1:] = args
+        cli_main()
+    else:
+        cli_main(args)
 
 
 if __name__ == "__main__":
