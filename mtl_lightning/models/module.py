@@ -93,7 +93,8 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_val: Clip gradients (after AMP unscaling) to this value; 0/None: no clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         accumulate_grad_batches: Micro-batches per optimizer step.
-        input_key: Key of the model input in the batch dict.
+        input_key: Key of the model input in the batch dict: a tensor, or a dict of tensors (a transformer's
+            ``input_ids`` and ``attention_mask``) that the encoder receives as it is.
         init_from: Checkpoint of an earlier (joint) run to start from: its encoder and the heads of
             the tasks configured here are loaded when fitting starts (task-specific fine-tuning:
             configure only the task to fine-tune). A resumed run's own checkpoint takes precedence.
