@@ -7,7 +7,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mtl_lightning.architectures import CGC, MMoE, MTAN, PLE, CrossStitch, DSelectK, HardSharing, SoftSharing, TaskGraph
+from mtl_lightning.architectures import (
+    CGC, MMoE, MTAN, PLE, CrossStitch, DSelectK, HardSharing, PerTaskLoRA, SoftSharing, TaskGraph,
+)
 from mtl_lightning.models import MLP, MultiTaskModule
 from mtl_lightning.tasks import ClassificationTask, RegressionTask
 
@@ -38,6 +40,12 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "dselect_k_per_example": lambda: DSelectK(_mlp(), num_experts=4, k=2, gating="per_example", in_features=IN),
     "dselect_k_odd": lambda: DSelectK(_mlp(), num_experts=3, k=2, entropy_regularization=1e-3),
     "task_graph": lambda: TaskGraph(_mlp(), heads=2),
+    # one LoRA adapter per task on both layers, a shared adapter and the (here trainable) backbone shared
+    "per_task_lora": lambda: PerTaskLoRA(_mlp(), r=2, alpha=4, target_modules=["net.0", "net.2"], shared_adapter=True,
+                                         train_backbone=True),
+    # as on a pretrained model: the backbone frozen, gradient methods arbitrate the shared adapter
+    "per_task_lora_frozen": lambda: PerTaskLoRA(_mlp(), r=2, alpha=4, target_modules=["net.0", "net.2"],
+                                                shared_adapter=True),
 }
 #: Architectures without a parameter shared by all tasks.
 NO_SHARED = {"soft_sharing", "soft_sharing_trace"}

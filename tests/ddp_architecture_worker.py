@@ -17,7 +17,7 @@ from helpers import quiet_trainer
 from mtl_lightning.gradients import UPGrad
 from mtl_lightning.monitoring import NegativeTransferMonitor
 
-ARCHITECTURES = ("cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "task_graph")
+ARCHITECTURES = ("cross_stitch", "mtan", "mmoe", "cgc", "ple", "dselect_k", "task_graph", "per_task_lora_frozen")
 STEPS, BATCH = 3, 16
 
 

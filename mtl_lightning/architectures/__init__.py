@@ -10,6 +10,7 @@ from mtl_lightning.architectures.cgc import CGC
 from mtl_lightning.architectures.cross_stitch import CrossStitch
 from mtl_lightning.architectures.dselect_k import DSelectK
 from mtl_lightning.architectures.mmoe import MMoE
+from mtl_lightning.architectures.lora import PerTaskLoRA
 from mtl_lightning.architectures.mtan import MTAN
 from mtl_lightning.architectures.ple import PLE
 from mtl_lightning.architectures.segnet import SegNet
@@ -20,5 +21,5 @@ from mtl_lightning.architectures.verify import check_roles
 
 __all__ = [
     "Architecture", "ParameterRoles", "HardSharing", "SoftSharing", "CrossStitch", "MTAN", "MMoE", "CGC", "PLE",
-    "DSelectK", "TaskGraph", "SegNet", "SegNetMTAN", "check_roles",
+    "DSelectK", "TaskGraph", "PerTaskLoRA", "SegNet", "SegNetMTAN", "check_roles",
 ]

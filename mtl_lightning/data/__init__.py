@@ -4,6 +4,7 @@ from mtl_lightning.data.celeba import CelebADataModule
 from mtl_lightning.data.datamodule import MultiTaskDataModule, TensorDictDataset
 from mtl_lightning.data.dense import CityscapesDataModule, DenseNpyDataModule, NYUv2DataModule
 from mtl_lightning.data.domain_digits import DomainDigitsDataModule
+from mtl_lightning.data.jokes import JokesDataModule
 from mtl_lightning.data.mixing import MultiDatasetDataModule, TaskMixingSampler
 from mtl_lightning.data.multidigits import MultiDigitsDataModule
 from mtl_lightning.data.office import Office31DataModule, OfficeDataModule, OfficeHomeDataModule
@@ -30,6 +31,7 @@ __all__ = [
     "MultiDatasetDataModule",
     "TaskMixingSampler",
     "DomainDigitsDataModule",
+    "JokesDataModule",
     "DenseNpyDataModule",
     "NYUv2DataModule",
     "CityscapesDataModule",

@@ -10,15 +10,31 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 
+def _take(value: Any, index: Any) -> Any:
+    return {k: v[index] for k, v in value.items()} if isinstance(value, Mapping) else value[index]
+
+
+def _length(value: Any) -> int:
+    if isinstance(value, Mapping):
+        lengths = {len(v) for v in value.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"TensorDictDataset: the tensors of a dict entry need one length, got {sorted(lengths)}.")
+        return lengths.pop()
+    return len(value)
+
+
 class TensorDictDataset(Dataset):
     """In-memory dataset of equally long tensors by key; a sample is ``{key: tensor[i]}``.
+
+    A value may itself be a dict of tensors (a tokenized text input ``{"input_ids": …,
+    "attention_mask": …}``); a sample then holds that dict's rows.
 
     It fetches whole batches at once (``__getitems__``), which makes loading small in-memory
     benchmarks an order of magnitude cheaper than per-sample collation.
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
-        lengths = {k: len(v) for k, v in tensors.items()}
+    def __init__(self, tensors: Mapping[str, Any]) -> None:
+        lengths = {k: _length(v) for k, v in tensors.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"TensorDictDataset: all tensors need the same length, got {lengths}.")
         self.tensors = dict(tensors)
@@ -28,11 +44,11 @@ class TensorDictDataset(Dataset):
         return self._length
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {k: v[index] for k, v in self.tensors.items()}
+        return {k: _take(v, index) for k, v in self.tensors.items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return {k: v[idx] for k, v in self.tensors.items()}
+        return {k: _take(v, idx) for k, v in self.tensors.items()}
 
     @property
     def keys(self) -> set[str]:
@@ -40,7 +56,8 @@ class TensorDictDataset(Dataset):
 
     def label_tensor(self, key: str) -> Optional[Tensor]:
         """The whole tensor under ``key`` (for the set-up checks of the labels), or None."""
-        return self.tensors.get(key)
+        value = self.tensors.get(key)
+        return value if isinstance(value, Tensor) else None
 
 
 def dataset_labels(dataset: Dataset, key: str) -> Optional[Tensor]:

@@ -40,6 +40,17 @@ _PARAMETER_GROUPS = ("shared", "task", "mixing")
 _SHAPE_ERROR = re.compile(r"shape|size mismatch|channels|dimension|Expected .*size", re.IGNORECASE)
 
 
+def input_batch_size(x: Any) -> int:
+    """The number of samples in a model input: a tensor's first dimension, or that of the first
+    tensor in a dict input (``{"input_ids": …, "attention_mask": …}``)."""
+    if isinstance(x, Mapping):
+        for value in x.values():
+            if isinstance(value, Tensor):
+                return len(value)
+        raise TypeError(f"A dict model input needs at least one tensor, got keys {sorted(x)}.")
+    return len(x)
+
+
 def head_input_size(head: nn.Module) -> Optional[int]:
     """The number of input features a head expects, when its first layer says so (an ``nn.Linear``,
     possibly first in an ``nn.Sequential``); None when it cannot be told without running it."""
@@ -83,7 +94,8 @@ class MultiTaskModule(pl.LightningModule):
         gradient_clip_val: Clip gradients (after AMP unscaling) to this value; 0/None: no clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         accumulate_grad_batches: Micro-batches per optimizer step.
-        input_key: Key of the model input in the batch dict.
+        input_key: Key of the model input in the batch dict: a tensor, or a dict of tensors (a transformer's
+            ``input_ids`` and ``attention_mask``) that the encoder receives as it is.
         init_from: Checkpoint of an earlier (joint) run to start from: its encoder and the heads of
             the tasks configured here are loaded when fitting starts (task-specific fine-tuning:
             configure only the task to fine-tune). A resumed run's own checkpoint takes precedence.
@@ -356,7 +368,9 @@ class MultiTaskModule(pl.LightningModule):
             raise KeyError(f"Unknown task '{task}'; tasks: {self.task_names}.")
         (self.detached_tasks.add if detached else self.detached_tasks.discard)(task)
 
-    def _input(self, batch: Mapping[str, Any]) -> Tensor:
+    def _input(self, batch: Mapping[str, Any]) -> Any:
+        """The model input of ``batch``: a tensor, or a dict of tensors (e.g. a transformer's
+        ``input_ids`` and ``attention_mask``), which the encoder receives as it is."""
         if not isinstance(batch, Mapping):
             raise TypeError(f"Batches must be dicts with an '{self.input_key}' key and one label key per task, got {type(batch).__name__}.")
         if self.input_key not in batch:
@@ -678,7 +692,8 @@ class MultiTaskModule(pl.LightningModule):
         absent = [outputs[n] for n in self.tasks if n not in losses]
         anchor = sum((o.float().sum() * 0.0 for o in absent), torch.zeros((), device=self.device)) if absent else None
         routed = self.routed_tasks(batch)
-        batch_size = sum(len(self._input(b)) for b in routed.values()) if routed is not None else len(self._input(batch))
+        batch_size = (sum(input_batch_size(self._input(b)) for b in routed.values()) if routed is not None
+                      else input_batch_size(self._input(batch)))
         return TrainingLosses(features, losses, head_inputs or None, anchor, batch_size)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

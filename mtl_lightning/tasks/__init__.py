@@ -9,8 +9,10 @@ from mtl_lightning.tasks.task import (
     Task,
     TaskConfigError,
 )
+from mtl_lightning.tasks.token import TokenClassificationTask
 
 __all__ = [
     "Task", "ClassificationTask", "MultiLabelTask", "RegressionTask", "MetricSpec", "TaskConfigError",
     "DenseTask", "SegmentationTask", "DepthTask", "NormalTask",
+    "TokenClassificationTask",
 ]
