@@ -30,6 +30,11 @@ def _as_labels(preds: Tensor) -> Tensor:
     return preds.argmax(1) if preds.is_floating_point() else preds
 
 
+def labelled_classes(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Mask of the labels in ``[0, num_classes)`` other than ``ignore_index``: the labelled pixels."""
+    return (target >= 0) & (target < num_classes) & (target != ignore_index)
+
+
 class SegmentationMetrics(torchmetrics.Metric):
     """Mean IoU and pixel accuracy of a semantic segmentation, from the confusion matrix.
 
@@ -67,7 +72,7 @@ class SegmentationMetrics(torchmetrics.Metric):
             raise ValueError(f"SegmentationMetrics: predictions of shape {tuple(labels.shape)} for labels of shape "
                              f"{tuple(target.shape)}; expected logits (N, C, H, W) or labels (N, H, W).")
         n = self.num_classes
-        keep = (target >= 0) & (target < n) & (target != self.ignore_index)
+        keep = labelled_classes(target, n, self.ignore_index)
         index = n * target[keep] + labels[keep].long()
         self.confmat += torch.bincount(index, minlength=n * n).reshape(n, n)
 
@@ -80,8 +85,9 @@ class SegmentationMetrics(torchmetrics.Metric):
         return {"miou": miou.float(), "pixel_accuracy": (hits.sum() / h.sum().clamp_min(1)).float()}
 
 
-def _valid_pixels(target: Tensor, invalid_value: float) -> Tensor:
-    """(N, H, W) mask of pixels whose every channel is finite and not all channels equal ``invalid_value``."""
+def labelled_pixels(target: Tensor, invalid_value: float) -> Tensor:
+    """(N, H, W) mask of the pixels of a ``(N, C, H, W)`` map that carry a label: every channel finite
+    and not all channels equal to ``invalid_value``. The dense tasks' losses mask with it too."""
     finite = torch.isfinite(target).all(1)
     return finite & (target != invalid_value).any(1)
 
@@ -120,7 +126,7 @@ class DepthMetrics(torchmetrics.Metric):
         if preds.shape != target.shape:
             raise ValueError(f"DepthMetrics: predictions of shape {tuple(preds.shape)} for targets of shape "
                              f"{tuple(target.shape)}.")
-        mask = _valid_pixels(target, self.invalid_value).unsqueeze(1).expand_as(target)
+        mask = labelled_pixels(target, self.invalid_value).unsqueeze(1).expand_as(target)
         p, y = preds[mask].double(), target[mask].double()
         err = (p - y).abs()
         self.abs_sum += err.sum()
@@ -170,7 +176,7 @@ class NormalMetrics(torchmetrics.Metric):
         if preds.shape != target.shape or preds.dim() != 4:
             raise ValueError(f"NormalMetrics: predictions {tuple(preds.shape)} and targets {tuple(target.shape)} "
                              "must both be (N, 3, H, W).")
-        mask = _valid_pixels(target, 0.0)
+        mask = labelled_pixels(target, 0.0)
         cos = (F.normalize(preds.double(), dim=1) * F.normalize(target.double(), dim=1)).sum(1)[mask]
         angle = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
         self.angle_sum += angle.sum()

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
-from mtl_lightning.metrics.dense import DepthMetrics, NormalMetrics, SegmentationMetrics
+from mtl_lightning.metrics.dense import (
+    DepthMetrics,
+    NormalMetrics,
+    SegmentationMetrics,
+    labelled_classes,
+    labelled_pixels,
+)
 from mtl_lightning.tasks.task import MetricSpec, Task, TaskConfigError
 
 
@@ -103,7 +108,7 @@ class SegmentationTask(DenseTask):
         return SegmentationMetrics(self.num_classes, self.ignore_index)
 
     def valid_mask(self, target: Tensor) -> Tensor:
-        return (target >= 0) & (target < self.num_classes) & (target != self.ignore_index)
+        return labelled_classes(target, self.num_classes, self.ignore_index)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         mask = self.valid_mask(target)
@@ -134,7 +139,7 @@ class DepthTask(DenseTask):
         return DepthMetrics(self.invalid_value)
 
     def valid_mask(self, target: Tensor) -> Tensor:
-        return torch.isfinite(target[:, 0]) & (target[:, 0] != self.invalid_value)
+        return labelled_pixels(target, self.invalid_value)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         mask = self.valid_mask(target)
@@ -166,7 +171,7 @@ class NormalTask(DenseTask):
         return NormalMetrics(self.bin_width)
 
     def valid_mask(self, target: Tensor) -> Tensor:
-        return torch.isfinite(target).all(1) & (target != 0).any(1)
+        return labelled_pixels(target, 0.0)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         mask = self.valid_mask(target)
