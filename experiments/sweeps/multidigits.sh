@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The MultiDigits sweep of docs/experiments.md, end to end: single-task baselines with the sweep's
 # budget, the sweep (5 methods × 3 seeds) with those baselines in the tasks, the table and the plots.
-#   bash experiments/sweeps/multidigits.sh [output root] [parallel runs]
+#   bash experiments/sweeps/multidigits.sh [output root] [parallel runs] [grid]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=${1:-runs/sweeps/multidigits}
 JOBS=${2:-2}
+GRID=${3:-experiments/sweeps/multidigits.yaml}
 PY=${PYTHON:-python}
 BUDGET=(--trainer.max_epochs 3 --data.init_args.num_train 5000 --seed_everything 0 --trainer.enable_progress_bar false)
 mkdir -p "$ROOT"
@@ -24,7 +25,7 @@ print(json.dumps(tasks))
 PY
 )
 # 3. The sweep (finished runs are skipped: rerunning this script resumes it).
-"$PY" -m mtl_lightning sweep --grid experiments/sweeps/multidigits.yaml --set "model.tasks=$TASKS" \
+"$PY" -m mtl_lightning sweep --grid "$GRID" --set "model.tasks=$TASKS" \
     --root "$ROOT" --jobs "$JOBS" --no-wandb
 # 4. The table (Markdown and LaTeX) and the plots.
 "$PY" -m mtl_lightning results "$ROOT" --out "$ROOT/table.md" --plots "$ROOT" --pareto left/accuracy right/accuracy
