@@ -34,6 +34,14 @@ if TYPE_CHECKING:
     from mtl_lightning.models.module import MultiTaskModule
 
 
+def shards_parameters(strategy: Any) -> bool:
+    """Whether a Lightning strategy splits the model's parameters across processes (FSDP, DeepSpeed
+    ZeRO, model parallelism) rather than replicating them (single device, DDP)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
+
+
 class BalancingMethod(Callback):
     """Base class of every task-balancing method.
 
@@ -48,6 +56,10 @@ class BalancingMethod(Callback):
     #: Whether the method registry (:mod:`mtl_lightning.registry`) lists the class: False for a
     #: wrapper that is no method of its own (it needs an argument to be one, e.g. TorchJD's adapter).
     registered: ClassVar[bool] = True
+    #: Whether the method takes gradients of the shared parameters itself (per task, or of one layer):
+    #: it then needs every process to hold those parameters whole, which sharding strategies (FSDP,
+    #: DeepSpeed, model parallelism) do not; :meth:`setup` refuses them with the alternative.
+    needs_whole_parameters: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,6 +76,13 @@ class BalancingMethod(Callback):
         if not isinstance(pl_module, MultiTaskModule):
             raise TypeError(
                 f"{self.name} is a balancing callback for MultiTaskModule, got {type(pl_module).__name__}."
+            )
+        if self.needs_whole_parameters and shards_parameters(trainer.strategy):
+            raise ValueError(
+                f"{self.name} takes per-task gradients of the shared parameters, which "
+                f"{type(trainer.strategy).__name__} shards across processes. Use --trainer.strategy ddp (for a "
+                "large pretrained model, with per-task LoRA adapters: mtl_lightning.architectures.PerTaskLoRA, "
+                "so that only the adapters are trained and differentiated per task), or a loss-weighting method."
             )
         self._module = pl_module
         self.attach(pl_module.task_names)

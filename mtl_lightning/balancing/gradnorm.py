@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,8 @@ class GradNorm(LossWeighting):
         >>> round(float(gradnorm.weights.sum()), 4)  # renormalised to Σ_t w_t = T after every step
         2.0
     """
+
+    needs_whole_parameters: ClassVar[bool] = True  # the per-task gradients of the last shared layer
 
     def __init__(self, alpha: float = 1.5, lr: Optional[float] = None, shared_layer: Optional[str] = None) -> None:
         super().__init__()

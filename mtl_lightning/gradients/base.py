@@ -58,6 +58,7 @@ class GradientBalancer(BalancingMethod):
     """
 
     needs_all_tasks_per_step: ClassVar[bool] = True
+    needs_whole_parameters: ClassVar[bool] = True
     #: The modes the method supports; the first is the default.
     supported_modes: ClassVar[tuple[str, ...]] = MODES
     #: False for methods that aggregate J without its Gramian (they get ``gramian=None``): the
