@@ -18,8 +18,11 @@ class GradVac(GradientBalancer):
     Computed on the Gramian like :class:`PCGrad`, all tasks i at once: the T − 1 partner steps are
     sequential, the tasks are not (at T = 2 each task has one partner: one step, no random order). A
     task whose gradient is zero is never a partner (the formula divides by ‖g_j‖; there is no
-    direction to align with). Targets start at 0 and are checkpointed. LibMTL updates a target only
-    when it projects; here every pair's target follows φ_ij, as the paper's algorithm does.
+    direction to align with). Targets start at 0 and are checkpointed. Every pair's target follows
+    φ_ij, as in the paper's algorithm and LibMTL (``LibMTL/weighting/GradVac.py``, 2025). As LibMTL's
+    default (``GradVac_group_type=0``) the similarity is over all shared parameters at once; LibMTL's
+    per-layer and per-matrix groups are not offered. LibMTL adds 1e-8 to the denominators; here a
+    zero gradient is excluded instead (above).
 
     Args:
         beta: EMA rate of the similarity targets (LibMTL's default 0.5).
