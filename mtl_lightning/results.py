@@ -266,30 +266,57 @@ def pareto_front(points: dict[str, tuple[float, float]], up: tuple[bool, bool]) 
     return front
 
 
+#: Above this many methods the Pareto plot adds a panel zoomed on the front, where labels crowd.
+ZOOM_ABOVE = 10
+
+
 def plot_pareto(table: Table, x: str, y: str, path: str) -> str:
     """Each method's mean (± std) of metrics ``x`` and ``y`` (``<task>/<metric>``); the Pareto front
-    joined by a line. Writes a PNG to ``path``."""
+    joined by a line. With more than :data:`ZOOM_ABOVE` methods a second panel zooms on the region of
+    the front (its points ± their std, with a margin). Writes a PNG to ``path``."""
     columns = {c.key: c for c in table.columns}
     for key, option in ((x, "x"), (y, "y")):
         if key not in columns or "/" not in key:
             raise ResultsError(f"--pareto {option}={key!r}: not a task metric of the table ({[k for k in columns if '/' in k]}).")
     plt = _pyplot()
-    points = {r.method: (r.mean[x], r.mean[y]) for r in table.rows if x in r.mean and y in r.mean}
+    rows = [r for r in table.rows if x in r.mean and y in r.mean]
+    points = {r.method: (r.mean[x], r.mean[y]) for r in rows}
     front = pareto_front(points, (columns[x].higher_is_better, columns[y].higher_is_better))
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for row in table.rows:
-        if row.method not in points:
-            continue
-        px, py = points[row.method]
-        ax.errorbar(px, py, xerr=row.std[x], yerr=row.std[y], fmt="o", capsize=3,
-                    color="C3" if row.method in front else "C0")
-        ax.annotate(row.method, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    zoom = len(points) > ZOOM_ABOVE
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11, 5) if zoom else (5.5, 4.5), squeeze=False)
     line = sorted(points[m] for m in front)
-    ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="C3", lw=1, label="Pareto front")
-    ax.set_xlabel(f"{x} {columns[x].arrow}")
-    ax.set_ylabel(f"{y} {columns[y].arrow}")
-    ax.set_title(f"{table.split}: mean ± std over seeds")
-    ax.legend(loc="best", fontsize=8)
+    for ax in axes[0]:
+        for row in rows:
+            px, py = points[row.method]
+            ax.errorbar(px, py, xerr=row.std[x], yerr=row.std[y], fmt="o", capsize=3,
+                        color="C3" if row.method in front else "C0")
+        ax.plot([p[0] for p in line], [p[1] for p in line], "--", color="C3", lw=1, label="Pareto front")
+        ax.set_xlabel(f"{x} {columns[x].arrow}")
+        ax.set_ylabel(f"{y} {columns[y].arrow}")
+        ax.legend(loc="best", fontsize=8)
+    axes[0][0].set_title(f"{table.split}: mean ± std over seeds")
+    if zoom:
+        ax = axes[0][1]
+        front_rows = [r for r in rows if r.method in front]
+        lo_x = min(r.mean[x] - r.std[x] for r in front_rows)
+        hi_x = max(r.mean[x] + r.std[x] for r in front_rows)
+        lo_y = min(r.mean[y] - r.std[y] for r in front_rows)
+        hi_y = max(r.mean[y] + r.std[y] for r in front_rows)
+        margin_x, margin_y = 0.15 * (hi_x - lo_x or 1e-3), 0.15 * (hi_y - lo_y or 1e-3)
+        ax.set_xlim(lo_x - margin_x, hi_x + margin_x)
+        ax.set_ylim(lo_y - margin_y, hi_y + margin_y)
+        ax.set_title("zoom on the front")
+    for ax in axes[0][1:] if zoom else axes[0]:
+        x_range, y_range = ax.get_xlim(), ax.get_ylim()
+        for method, (px, py) in points.items():
+            if x_range[0] <= px <= x_range[1] and y_range[0] <= py <= y_range[1]:
+                ax.annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            fontweight="bold" if method in front else "normal")
+    if zoom:  # the full view labels only the points outside the zoomed region
+        x_range, y_range = axes[0][1].get_xlim(), axes[0][1].get_ylim()
+        for method, (px, py) in points.items():
+            if not (x_range[0] <= px <= x_range[1] and y_range[0] <= py <= y_range[1]):
+                axes[0][0].annotate(method, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

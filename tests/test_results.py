@@ -147,3 +147,27 @@ def test_errors_name_what_is_wrong(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_main(["results", str(tmp_path), "--plots", str(tmp_path / "plots")])
     assert "--plots needs matplotlib: pip install 'mtl-lightning[plots]'" in capsys.readouterr().err
+
+
+def test_many_methods_add_a_panel_zoomed_on_the_front(tmp_path, monkeypatch):
+    """Above ZOOM_ABOVE methods the Pareto plot has a second panel whose limits frame the front's
+    points ± std (with a margin); a far-off method is outside it."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from mtl_lightning import results
+
+    runs = {f"m{i:02d}": {0: (0.90 + 0.001 * i, 2.0 - 0.001 * i, 1.0, -1.0), 1: (0.90 + 0.001 * i, 2.0 - 0.001 * i, 1.0, -1.0)}
+            for i in range(results.ZOOM_ABOVE)}
+    runs["far"] = {0: (0.10, 9.0, 9.0, -9.0), 1: (0.10, 9.0, 9.0, -9.0)}
+    _write(tmp_path / "sweep", runs)
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    table = summarize(load_results(str(tmp_path / "sweep")), "test")
+    results.plot_pareto(table, "a/accuracy", "b/rmse", str(tmp_path / "pareto.png"))
+    full, zoom = saved[0].axes
+    front_x = 0.90 + 0.001 * (results.ZOOM_ABOVE - 1)  # the last method dominates all others
+    assert zoom.get_xlim()[0] < front_x < zoom.get_xlim()[1] and not zoom.get_xlim()[0] < 0.10
+    assert full.get_xlim()[0] < 0.10
+    assert {t.get_text() for t in zoom.texts} >= {f"m{results.ZOOM_ABOVE - 1:02d}"}
+    assert "far" in {t.get_text() for t in full.texts} and "far" not in {t.get_text() for t in zoom.texts}

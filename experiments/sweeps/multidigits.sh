@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MultiDigits sweep of docs/experiments.md, end to end: single-task baselines with the sweep's
-# budget, the sweep (5 methods × 3 seeds) with those baselines in the tasks, the table and the plots.
+# budget, the sweep of a grid (default: 5 methods × 3 seeds) with those baselines in the tasks, the
+# tables and the plots.
 #   bash experiments/sweeps/multidigits.sh [output root] [parallel runs] [grid]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
