@@ -1,7 +1,7 @@
 """Step time and peak memory of every gradient method relative to EW and to the per-task-gradient floor.
 
     python experiments/benchmarks/gradient_methods.py [--tasks 2 4 8 16] [--repeats 7] [--inner 3] [--device cpu|cuda]
-        [--allocator retain|system]
+        [--allocator retain|system] [--torchjd | --no-torchjd]
 
 Reference workload (issue #4): batch 128 × 256 features, encoder MLP 256→512→512→512 (ReLU), T heads
 Linear(512→10), cross-entropy, SGD, float32, 2 threads.
@@ -22,6 +22,20 @@ rounds of the configuration's time over the mean of the two reference samples br
 machine's drift, which on this VM moves a sample by ±10% within seconds, cancels out); the other
 ratio (× EW in param mode) is the ratio of the medians.
 
+TorchJD (``--torchjd``, the default; needs the optional ``torchjd`` extra): every param-mode method that
+TorchJD also implements (:func:`torchjd_equivalents`, the one name → constructor mapping, built with
+our default options) is timed a third way in the same group, process and rounds, on the same module,
+batch and optimizer: TorchJD's own MTL step (its README and MTL example) — the module's forward and
+losses, ``torchjd.autojac.mtl_backward(losses, features, tasks_params=heads, shared_params=encoder)``,
+``jac_to_grad(encoder, aggregator)``, ``optimizer.step()`` + ``zero_grad``. ``jac_to_grad`` aggregates
+either the concatenated T×P Jacobian (its default; row ``param/torchjd``) or, for aggregators that
+weight the Gramian, the sum of per-parameter Gramians (``optimize_gramian_computation=True``; row
+``param/torchjd-gramian``); TorchJD calls the second one lighter but up to 15% slower on CUDA, so both
+are timed and our rows are compared with the faster (by median × floor, marked in the table). "× TorchJD"
+is the median over rounds of the ratio of the two configurations' bracketed ratios of that round (ours
+over TorchJD's, each against the floor samples around it); "mem × TorchJD" the ratio of their peaks.
+Rep mode has no TorchJD counterpart (TorchJD's step differentiates the shared parameters).
+
 Allocator (CPU): glibc's malloc serves the tens of MB of per-task gradients of param mode from fresh
 ``mmap`` regions and returns them to the kernel every step, so every step page-faults them back in
 (5–8 k faults, 15–30 ms of kernel time per step at T = 16), by an amount that depends on the heap's
@@ -37,12 +51,14 @@ the cumulative allocations recorded by the PyTorch profiler over one step.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
 import multiprocessing
 import os
 import statistics
 import time
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 from unittest import mock
 
 import lightning.pytorch as pl
@@ -51,12 +67,63 @@ from torch.utils.data import DataLoader
 
 from mtl_lightning.balancing import EqualWeighting
 from mtl_lightning.core import MultiTaskStep, TorchBackend
+from mtl_lightning.gradients import GradientBalancer
 from mtl_lightning.models.encoders import MLP
 from mtl_lightning.models.module import MultiTaskModule
 from mtl_lightning.registry import gradient_methods
 from mtl_lightning.tasks import ClassificationTask
 
-METHODS: dict[str, Callable[..., object]] = dict(gradient_methods())  # every registered gradient method
+METHODS: dict[str, type[GradientBalancer]] = dict(gradient_methods())  # every registered gradient method
+
+
+def import_torchjd() -> Any:
+    """The ``torchjd`` package with its ``aggregation``, ``autojac`` and ``linalg`` modules loaded."""
+    try:
+        for name in ("torchjd.aggregation", "torchjd.autojac", "torchjd.linalg"):
+            importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError("The TorchJD comparison needs TorchJD: pip install 'mtl-lightning[torchjd]', "
+                          "or run with --no-torchjd.") from error
+    return importlib.import_module("torchjd")
+
+
+def torchjd_equivalents() -> dict[str, Callable[[GradientBalancer, int], Any]]:
+    """Registered method name → TorchJD aggregator computing the same update, built from an instance of
+    our method (its options) and the number of tasks T. The one place where a method joins the TorchJD
+    comparison: ``tests/test_benchmark_torchjd_mapping.py`` checks that each gives our method's direction
+    on fixed Jacobians, and that a registered method with a TorchJD namesake is mapped here or listed in
+    :data:`TORCHJD_EXCLUDED`. Options TorchJD does not have (the update's scale only) are noted."""
+    jd = import_torchjd()
+    aggregation, projector = jd.aggregation, jd.linalg.QuadprogProjector
+    return {
+        # TorchJD's defaults (its recommended options): Frank–Wolfe stopping at γ < 1e-3 or 100 iterations,
+        # exact at T = 2 and short of our exact min-norm point at T > 2 (run to convergence, the same point).
+        "MGDA": lambda ours, t: aggregation.MGDA(),
+        "PCGrad": lambda ours, t: aggregation.PCGrad(),
+        "GradVac": lambda ours, t: aggregation.GradVac(beta=ours.beta),
+        # No ``rescale``: TorchJD's update is ours × (1 + c²).
+        "CAGrad": lambda ours, t: aggregation.CAGrad(c=ours.c),
+        "NashMTL": lambda ours, t: aggregation.NashMTL(n_tasks=t, max_norm=ours.max_norm,
+                                                      update_weights_every=ours.update_every,
+                                                      optim_niter=ours.iterations),
+        "IMTLG": lambda ours, t: aggregation.IMTLG(),
+        # TorchJD's default preference averages the aligned gradients, ours sums them: its update is ours / T.
+        "AlignedMTL": lambda ours, t: aggregation.AlignedMTL(),
+        "UPGrad": lambda ours, t: aggregation.UPGrad(projector=projector(norm_eps=ours.norm_eps, reg_eps=ours.reg_eps)),
+        "DualProj": lambda ours, t: aggregation.DualProj(projector=projector(norm_eps=ours.norm_eps, reg_eps=ours.reg_eps)),
+        "FairGrad": lambda ours, t: aggregation.FairGrad(alpha=ours.alpha),
+        "ConFIG": lambda ours, t: aggregation.ConFIG(),
+        # TorchJD's weighting of A = J₁J₂ᵀ with both batches the training batch (our setting): A = JJᵀ.
+        "SDMGrad": lambda ours, t: aggregation.GramianWeightedAggregator(aggregation.SDMGradWeighting(
+            lr=ours.lr, momentum=ours.momentum, n_iter=ours.iterations, lambda_=ours.lamda)),
+    }
+
+
+#: Registered methods whose TorchJD namesake computes something else by design: not compared.
+TORCHJD_EXCLUDED: dict[str, str] = {
+    "GradDrop": "ours is rep mode only, with masks from sign(z) of the shared representation; TorchJD's "
+                "GradDrop masks the rows of the parameter Jacobian (and has no rep mode)",
+}
 
 
 def build(num_tasks: int, device: str) -> tuple[MultiTaskModule, dict[str, torch.Tensor]]:
@@ -95,6 +162,37 @@ def make_floor(module: MultiTaskModule, batch: dict[str, torch.Tensor]) -> Calla
     return step
 
 
+def make_torchjd_steps(module: MultiTaskModule, batch: dict[str, torch.Tensor], name: str,
+                       equivalent: Callable[[GradientBalancer, int], Any]) -> dict[str, Callable[[], None]]:
+    """TorchJD's MTL step with the aggregator equivalent to our method ``name``, by mode: ``param/torchjd``
+    (``jac_to_grad`` on the concatenated Jacobian) and, for aggregators of the Gramian,
+    ``param/torchjd-gramian`` (summed per-parameter Gramians). Each has its own aggregator (state)."""
+    jd = import_torchjd()
+    optimizer = module.trainer.optimizers[0]
+    shared = module.shared_parameters()
+    names = module.task_names
+    heads = [module.task_parameters(n) for n in names]
+    ours = METHODS[name](mode="param")
+    t = len(names)
+
+    def make(aggregator: Any, gramian: bool) -> Callable[[], None]:
+        def step() -> None:
+            features, _, losses = module.compute_losses(batch, "train")
+            jd.autojac.mtl_backward([losses[n] for n in names], features=features, tasks_params=heads,
+                                    shared_params=shared)
+            jd.autojac.jac_to_grad(shared, aggregator, optimize_gramian_computation=gramian)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    steps = {"param/torchjd": make(equivalent(ours, t), False)}
+    second = equivalent(ours, t)
+    if isinstance(second, jd.aggregation.GramianWeightedAggregator):
+        steps["param/torchjd-gramian"] = make(second, True)
+    return steps
+
+
 def peak_memory(step: Callable[[], None], device: str) -> float:
     """Peak bytes allocated during one step, above the allocation level before it."""
     if device == "cuda":
@@ -120,10 +218,21 @@ def peak_memory(step: Callable[[], None], device: str) -> float:
 RETAINING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
+def bracketed_ratios(samples: list[float], before: list[float], after: list[float]) -> list[float]:
+    """Each round's sample over the mean of the reference samples timed just before and just after it:
+    the machine's drift between samples cancels out of each ratio."""
+    return [2 * s / (b + a) for s, b, a in zip(samples, before, after)]
+
+
 def bracketed_ratio(samples: list[float], before: list[float], after: list[float]) -> float:
-    """Median over rounds of each sample's ratio to the mean of the reference samples timed just before
-    and just after it: the machine's drift between samples cancels out of each ratio."""
-    return statistics.median(2 * s / (b + a) for s, b, a in zip(samples, before, after))
+    """Median over rounds of :func:`bracketed_ratios`."""
+    return statistics.median(bracketed_ratios(samples, before, after))
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> float:
+    """Median over rounds of the ratio of two configurations' bracketed ratios of the same round: each
+    is measured against the reference samples around it, so drift between the two cancels too."""
+    return statistics.median(o / t for o, t in zip(ours, theirs))
 
 
 def timed(step: Callable[[], None], inner: int, device: str) -> float:
@@ -139,19 +248,29 @@ def timed(step: Callable[[], None], inner: int, device: str) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads: int) -> list[dict[str, object]]:
+def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads: int,
+              torchjd: bool = False) -> list[dict[str, object]]:
     """The rows of one T and one group: ``"param"`` (EW, the floor, every param-mode method with both
-    engines) or ``"rep"`` (EW and every rep-mode method)."""
+    engines, and with ``torchjd`` TorchJD's step for each method it implements) or ``"rep"`` (EW and
+    every rep-mode method)."""
     torch.set_num_threads(threads)
     module, batch = build(t, device)
     reference = ("EW", f"- ({group} run)")
     configs: dict[tuple[str, str], Callable[[], None]] = {reference: make_step(module, batch, EqualWeighting())}
     if group == "param":
         configs[("floor", "-")] = make_floor(module, batch)
+    equivalents = torchjd_equivalents() if torchjd and group == "param" else {}
     for name, cls in METHODS.items():
         if group == "param" and "param" in cls.supported_modes:
             configs[(name, "param/batched")] = make_step(module, batch, cls(mode="param", batched=True))
             configs[(name, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
+            if name in equivalents:
+                try:
+                    steps = make_torchjd_steps(module, batch, name, equivalents[name])
+                except ImportError as error:  # an aggregator's own optional dependency (cvxpy, quadprog…)
+                    print(f"No TorchJD comparison for {name}: {error}")
+                    steps = {}
+                configs.update({(name, mode): step for mode, step in steps.items()})
         if group == "rep" and "rep" in cls.supported_modes:
             configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
     target = ("floor", "-") if group == "param" else reference
@@ -174,24 +293,42 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
             times[target].append(last)
     memory = {k: peak_memory(step, device) for k, step in configs.items()}
     medians = {k: statistics.median(v) for k, v in times.items()}
-    rows = []
-    for key, samples in times.items():
+    rounds = {k: bracketed_ratios(times[k], before[k], after[k]) for k in others}
+    # Per method, TorchJD's faster step (by median × floor): the reference of our rows' "× TorchJD".
+    torchjd_reference: dict[str, tuple[str, str]] = {}
+    for key in others:
         name, mode = key
-        to_target = 1.0 if key == target else bracketed_ratio(samples, before[key], after[key])
+        if mode.startswith("param/torchjd"):
+            best = torchjd_reference.get(name)
+            if best is None or statistics.median(rounds[key]) < statistics.median(rounds[best]):
+                torchjd_reference[name] = key
+    rows = []
+    for key in times:
+        name, mode = key
+        to_target = 1.0 if key == target else statistics.median(rounds[key])
         x_ew = to_target if group == "rep" else medians[key] / medians[reference]
         x_floor = to_target if group == "param" else None
-        rows.append({"T": t, "method": name, "mode": mode, "ms": 1e3 * medians[key], "x_ew": x_ew,
-                     "x_floor": x_floor, "mem_x_ew": memory[key] / max(memory[reference], 1.0)})
+        row: dict[str, object] = {"T": t, "method": name, "mode": mode, "ms": 1e3 * medians[key], "x_ew": x_ew,
+                                  "x_floor": x_floor, "mem_x_ew": memory[key] / max(memory[reference], 1.0)}
+        theirs = torchjd_reference.get(name)
+        if theirs is not None and mode in ("param/batched", "param/looped"):
+            row["x_torchjd"] = paired_ratio(rounds[key], rounds[theirs])
+            row["mem_x_torchjd"] = memory[key] / max(memory[theirs], 1.0)
+        if mode.startswith("param/torchjd"):
+            row["torchjd_reference"] = key == theirs
+        rows.append(row)
     return rows
 
 
 def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: int = 2,
-        allocator: str = "retain") -> list[dict[str, object]]:
+        allocator: str = "retain", torchjd: bool = False) -> list[dict[str, object]]:
     """Every T and group in a fresh process (with glibc's default allocator, a process that ran the
     param-mode steps leaves its heap in a state that slowed every later step of the same process by
     up to 30%), started with the allocator settings of ``allocator`` (see the module docstring)."""
     if allocator not in ("retain", "system"):
         raise ValueError(f"allocator must be 'retain' or 'system', got {allocator!r}.")
+    if torchjd:
+        import_torchjd()  # a missing TorchJD is said here, not in a worker
     rows = []
     context = multiprocessing.get_context("spawn")
     # Read by glibc when each spawned worker starts; the parent's environment is restored afterwards.
@@ -199,25 +336,31 @@ def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: in
         for t in tasks:
             for group in ("param", "rep"):
                 with context.Pool(1) as pool:
-                    rows += pool.apply(run_group, (t, group, repeats, device, inner, threads))
+                    rows += pool.apply(run_group, (t, group, repeats, device, inner, threads, torchjd))
     return rows
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    lines = ["| T | method | mode | step ms | × EW | × floor | peak mem × EW | target |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| T | method | mode | step ms | × EW | × floor | × TorchJD | peak mem × EW | mem × TorchJD | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(value: object) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
     for r in rows:
         if r["mode"] == "param/looped":
             target = "(loop fallback, no target)"
+        elif r["mode"].startswith("param/torchjd"):
+            target = "TorchJD (the × TorchJD reference)" if r["torchjd_reference"] else "TorchJD (no target)"
         elif r["mode"].startswith("param"):
             target = "ok (≤1.15× floor)" if r["x_floor"] <= 1.15 else "MISSED (>1.15× floor)"
         elif r["mode"] == "rep":
             target = "ok (≤1.3× EW)" if r["x_ew"] <= 1.3 else "MISSED (>1.3× EW)"
         else:
             target = ""
-        x_floor = "–" if r["x_floor"] is None else f"{r['x_floor']:.2f}"
         lines.append(f"| {r['T']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['x_ew']:.2f} | "
-                     f"{x_floor} | {r['mem_x_ew']:.2f} | {target} |")
+                     f"{cell(r['x_floor'])} | {cell(r.get('x_torchjd'))} | {r['mem_x_ew']:.2f} | "
+                     f"{cell(r.get('mem_x_torchjd'))} | {target} |")
     return "\n".join(lines)
 
 
@@ -230,9 +373,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=["retain", "system"], default="retain",
                         help="retain: glibc keeps freed memory for reuse (no per-step page faults); system: glibc defaults")
+    parser.add_argument("--torchjd", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time TorchJD's MTL step for every method it implements (needs TorchJD)")
     args = parser.parse_args()
-    print(f"device={args.device} threads={args.threads} allocator={args.allocator} torch={torch.__version__}")
-    print(table(run(args.tasks, args.repeats, args.device, args.inner, args.threads, args.allocator)))
+    versions = f"torch={torch.__version__}"
+    if args.torchjd:
+        try:
+            import_torchjd()
+            versions += f" torchjd={importlib.metadata.version('torchjd')}"
+        except ImportError as error:
+            parser.error(str(error))
+    print(f"device={args.device} threads={args.threads} allocator={args.allocator} {versions}")
+    print(table(run(args.tasks, args.repeats, args.device, args.inner, args.threads, args.allocator, args.torchjd)))
 
 
 if __name__ == "__main__":
