@@ -2,9 +2,10 @@
 
 Configure exactly one under ``trainer.callbacks``; with none, :class:`EqualWeighting` is used.
 Loss-weighting methods (need the losses only): EW, StaticWeighting, UW, DWA, RLW, GLS, SI, IMTLL,
-STCH, FAMO, GradNorm.
+STCH, FAMO, GradNorm, AutoLambda (bilevel: weights learned on held-out batches).
 """
 
+from mtl_lightning.balancing.auto_lambda import AutoLambda
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod, LossWeighting
 from mtl_lightning.balancing.dwa import DWA
 from mtl_lightning.balancing.equal import EqualWeighting
@@ -37,4 +38,5 @@ __all__ = [
     "STCH",
     "FAMO",
     "GradNorm",
+    "AutoLambda",
 ]

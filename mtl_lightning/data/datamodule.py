@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+if TYPE_CHECKING:
+    from mtl_lightning.data.held_out import HeldOutBatches
 
 
 def _take(value: Any, index: Any) -> Any:
@@ -241,6 +244,32 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._progress = {"epoch": int(state_dict.get("epoch", 0)), "position": int(state_dict.get("position", 0))}
+
+    def held_out_batches(self, split: str, tasks: Sequence[str], batch_size: Optional[int] = None,
+                         seed: int = 0) -> "HeldOutBatches":
+        """A stream of batches of ``split`` apart from the training order, sharded by the trainer's
+        ranks (:class:`~mtl_lightning.data.held_out.HeldOutBatches`), for a method that evaluates a
+        look-ahead on held-out data (Auto-λ). A batch every task reads, or, with one dataset per task
+        (``batch_layout == "routed"``), ``{task: sub_batch}`` for each of ``tasks``.
+
+        ``batch_size``: samples per rank and draw (default: the training ``batch_size``). Raises a
+        ``ValueError`` when the split (of one of ``tasks``) is missing.
+        """
+        from mtl_lightning.data.held_out import HeldOutBatches  # it imports mixing, which imports this module
+
+        routed = self.batch_layout == "routed"
+        datasets: dict[Optional[str], Dataset] = {}
+        for task in tasks if routed else list(tasks)[:1]:
+            splits = self.split_datasets(task)
+            if split not in splits:
+                of = f" for task '{task}'" if routed else ""
+                raise ValueError(f"{type(self).__name__} has no '{split}' split{of} (it has {sorted(splits)}).")
+            datasets[task if routed else None] = splits[split]
+        if not datasets:
+            raise ValueError(f"{type(self).__name__}.held_out_batches needs at least one task.")
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return HeldOutBatches(datasets, batch_size or self.batch_size, seed, world, rank)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
