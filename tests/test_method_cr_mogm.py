@@ -160,7 +160,8 @@ def test_lr_schedule_makes_alpha_follow_the_learning_rate():
 def test_the_wrapper_takes_its_methods_mode_promises_and_scale_law():
     assert CRMOGM().mode == "param" and isinstance(CRMOGM().method, MGDA)
     assert CRMOGM(mode="rep").method.mode == "rep" and CRMOGM(MGDA(mode="rep")).mode == "rep"
-    assert CRMOGM(PCGrad(batched=False)).batched is False
+    assert CRMOGM(PCGrad(batched=False)).batched is False and CRMOGM(batched=False).method.batched is False
+    assert CRMOGM(MGDA(mode="rep"), mode="rep", batched=True).mode == "rep"  # the method's own: accepted
     # MGDA's conflict-freeness does not survive averaging; PCGrad was never permutation-equivariant.
     assert CRMOGM().promises == {"permutation_equivariant", "single_task_gradient", "identical_gradients"}
     assert CRMOGM.promises == CRMOGM().promises
@@ -175,7 +176,8 @@ def test_the_wrapper_takes_its_methods_mode_promises_and_scale_law():
     (lambda: CRMOGM(TorchJDWeighting("MeanWeighting")), r"and TorchJDWeighting is not one"),
     (lambda: CRMOGM(CRMOGM()), r"and CRMOGM is not one"),
     (lambda: CRMOGM(EqualWeighting()), r"CRMOGM wraps a gradient weighting .* got EqualWeighting"),
-    (lambda: CRMOGM(MGDA(), mode="rep"), r"CRMOGM runs in the mode of the method it wraps: mode='rep', but MGDA"),
+    (lambda: CRMOGM(MGDA(), mode="rep"), r"CRMOGM runs as the method it wraps: mode='rep', but MGDA has mode='param'"),
+    (lambda: CRMOGM(PCGrad(), batched=False), r"CRMOGM runs as the method it wraps: batched=False, but PCGrad"),
     (lambda: CRMOGM(alpha=1.5), r"CRMOGM: alpha must be in \[0, 1\]"),
     (lambda: CRMOGM(alpha=-0.1), r"CRMOGM: alpha must be in \[0, 1\]"),
     (lambda: CRMOGM(schedule="cosine"), r"CRMOGM: schedule='cosine'"),

@@ -138,6 +138,31 @@ def test_loss_scaling_does_not_change_the_update_and_an_overflow_leaves_the_stat
                 else value == scaled.state_dict()[key]), key
 
 
+def test_on_accelerators_an_overflow_is_neutralised_without_reading_the_flag(monkeypatch):
+    """Where reading the finiteness flag would synchronise with the host (GPUs), the overflowed step is
+    neutralised in tensor ops instead: the same state as a skipped step, but the step is counted."""
+    import mtl_lightning.gradients.excess_mtl as module
+
+    scale = torch.tensor(2.0**12)
+    sequence = jacobians(4)
+    overflowed = sequence[3].clone()
+    overflowed[0, 7] = float("nan")
+    results = []
+    for free in (True, False):
+        monkeypatch.setattr(module, "reading_is_free", lambda flag, free=free: free)
+        method = ExcessMTL(robust_step_size=1.0, warmup_steps=2)
+        weights = [aggregate(method, jac, scale)[1] for jac in sequence[:3]]
+        before = {"weights": method.task_weights.clone(), "squared_sums": [s.clone() for s in method.squared_sums]}
+        aggregate(method, overflowed, scale)
+        assert torch.equal(method.task_weights, before["weights"])
+        assert all(torch.equal(a, b) for a, b in zip(method.squared_sums, before["squared_sums"]))
+        assert method.steps == 3 + (not free)
+        results.append((weights, aggregate(method, sequence[0], scale)[1]))
+    (weights_free, next_free), (weights_sync_free, next_sync_free) = results
+    assert all(torch.equal(a, b) for a, b in zip(weights_free, weights_sync_free))
+    assert torch.equal(next_free, next_sync_free)
+
+
 @pytest.mark.one_thread
 def test_fp16_loss_scale_does_not_change_training():
     from lightning.pytorch.plugins.precision import MixedPrecision

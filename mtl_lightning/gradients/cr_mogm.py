@@ -28,10 +28,11 @@ class CRMOGM(GradientBalancer):
     default), averaged exponentially across steps.
 
     The paper shows that stochastic gradient manipulation (MGDA, PCGrad, CAGrad…) need not converge
-    because its weights are a function of the instantaneous mini-batch gradients, and fixes it by this
-    average ("correlation-reduced" MOGM). There is no official code; TorchJD's ``CRMOGMWeighting`` is
-    the reference this class is tested against: λ_0 = λ̂_1 (the first step's weights are the
-    wrapped method's), α = 0.9 by default, weights of any scale (the average of, e.g., PCGrad's).
+    because its weights are a function of the instantaneous mini-batch gradients alone, and fixes it by
+    this average (CR-MOGM). No official code of the paper is public that we know of;
+    TorchJD's ``CRMOGMWeighting`` is the reference this class is tested against: λ_0 = λ̂_1 (the
+    first step's weights are the wrapped method's), α = 0.9 by default, weights of any scale (the
+    average of, e.g., PCGrad's).
 
     The wrapped method must be a *weighting* (its update is Jᵀw for w = ``weights(M, L)``): a
     method that aggregates J itself (GradDrop, DB-MTL) has no weights to average. CRMOGM runs in the
@@ -42,11 +43,11 @@ class CRMOGM(GradientBalancer):
     micro-batch m uses α λ_{k−1} + (1 − α) λ̂^(m) and λ_k averages λ̂ over the step's micro-batches.
     A step whose λ̂ is not finite (an fp16 overflow, which the optimizer skips) leaves λ unchanged.
 
-    The paper's Corollary 1 lets α_k grow towards 1 as the learning rate η_k decays (1 − α_k
-    proportional to η_k; TorchJD suggests α_k = 1 − η_k/η_0). ``schedule="lr"`` does that:
-    α_k = 1 − (1 − α)·η_k/η_0, with η_k the current learning rate of the shared parameters'
-    optimizer group and η_0 its LR scheduler's base rate (``initial_lr``; η_k/η_0 is clipped to
-    [0, 1]). ``alpha=0`` gives TorchJD's suggestion, α_k = 1 − η_k/η_0; without a scheduler the rate
+    The paper's Corollary 1, as TorchJD's documentation reads it, lets α_k start near 0 and grow
+    towards 1 as the learning rate η_k decays (TorchJD suggests α_k = 1 − η_k/η_0).
+    ``schedule="lr"`` does that: α_k = 1 − (1 − α)·η_k/η_0, with η_k the current learning rate of
+    the shared parameters' optimizer group and η_0 its LR scheduler's base rate (``initial_lr``;
+    η_k/η_0 is clipped to [0, 1]). ``alpha=0`` gives TorchJD's suggestion, α_k = 1 − η_k/η_0; without a scheduler the rate
     is constant and so is α. The rate is read from the Trainer at each training batch; outside a
     Trainer, set ``alpha`` between steps instead.
 
@@ -56,13 +57,14 @@ class CRMOGM(GradientBalancer):
     The class declares those of the default, MGDA; an instance, those of the method it wraps.
 
     Args:
-        method: the wrapped weighting (default ``MGDA()``, the paper's running example). From YAML:
-            ``method: {class_path: mtl_lightning.gradients.PCGrad, init_args: {seed: 1}}``.
+        method: the wrapped weighting (default ``MGDA()``; the paper analyses MGDA, PCGrad and
+            CAGrad). From YAML: ``method: {class_path: mtl_lightning.gradients.PCGrad, init_args: {seed: 1}}``.
         alpha: α ∈ [0, 1], the weight of the past (0: the wrapped method unchanged; 1: λ frozen at
             λ̂_1). TorchJD's default 0.9.
         schedule: ``"constant"`` (α) or ``"lr"`` (α_k follows the learning rate, see above).
-        mode: the mode of the default MGDA (``"rep"``: CR-MGDA-UB); with a ``method``, it must be
-            that method's own (CRMOGM always runs in its method's mode).
+        mode: the mode of the default MGDA (``"rep"``: CR-MGDA-UB); with a ``method``, None or that
+            method's own (CRMOGM always runs in its method's mode).
+        batched: likewise, the default MGDA's ``batched`` (see :class:`GradientBalancer`).
 
     Examples:
         MGDA's weights on two successive steps' gradients, and their average (α = 0.5): the first
@@ -93,15 +95,17 @@ class CRMOGM(GradientBalancer):
     promises = MGDA.promises & KEPT_PROPERTIES
 
     def __init__(self, method: Optional[GradientBalancer] = None, alpha: float = 0.9, schedule: str = "constant",
-                 mode: Optional[str] = None) -> None:
+                 mode: Optional[str] = None, batched: Optional[bool] = None) -> None:
         if method is None:
-            method = MGDA(mode=mode)
+            method = MGDA(mode=mode, batched=True if batched is None else batched)
         elif not isinstance(method, GradientBalancer):
             raise ValueError(f"CRMOGM wraps a gradient weighting (a GradientBalancer such as MGDA), got "
                              f"{type(method).__name__}.")
-        elif mode is not None and mode != method.mode:
-            raise ValueError(f"CRMOGM runs in the mode of the method it wraps: mode={mode!r}, but "
-                             f"{method.name} runs in mode={method.mode!r}. Set the mode on {method.name}.")
+        else:
+            for option, value, own in (("mode", mode, method.mode), ("batched", batched, method.batched)):
+                if value is not None and value != own:
+                    raise ValueError(f"CRMOGM runs as the method it wraps: {option}={value!r}, but {method.name} has "
+                                     f"{option}={own!r}. Set it on {method.name}.")
         _check_is_weighting(method)
         super().__init__(method.mode, method.batched)
         if not 0.0 <= alpha <= 1.0:
