@@ -6,8 +6,10 @@ from mtl_lightning.gradients.aligned_mtl import AlignedMTL
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.cagrad import CAGrad
 from mtl_lightning.gradients.config import ConFIG
+from mtl_lightning.gradients.cr_mogm import CRMOGM
 from mtl_lightning.gradients.db_mtl import DBMTL
 from mtl_lightning.gradients.dualproj import DualProj
+from mtl_lightning.gradients.excess_mtl import ExcessMTL
 from mtl_lightning.core.engine import (
     combine,
     flatten_jacobian,
@@ -32,6 +34,6 @@ __all__ = [
     "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
     "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
-    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad",
+    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL",
     "TorchJDWeighting",
 ]
