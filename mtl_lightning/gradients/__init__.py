@@ -23,6 +23,7 @@ from mtl_lightning.gradients.fairgrad import FairGrad
 from mtl_lightning.gradients.graddrop import GradDrop
 from mtl_lightning.gradients.gradvac import GradVac
 from mtl_lightning.gradients.imtl_g import IMTLG
+from mtl_lightning.gradients.mconfig import MConFIG
 from mtl_lightning.gradients.mgda import MGDA
 from mtl_lightning.gradients.nash_mtl import NashMTL
 from mtl_lightning.gradients.pcgrad import PCGrad
@@ -34,6 +35,6 @@ __all__ = [
     "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
     "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
-    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL",
+    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL", "MConFIG",
     "TorchJDWeighting",
 ]

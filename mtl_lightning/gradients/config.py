@@ -18,7 +18,7 @@ class ConFIG(GradientBalancer):
     d = Jᵀ(a·1ᵀMa/aᵀMa). Differences from the official code (and TorchJD's ``ConFIG``): the
     pseudo-inverse is taken on C, dropping eigenvalues below λ_max·T·ε_float32 (they take the
     pseudo-inverse or least squares of U); a zero gradient has u_t = 0, as in both. Equal preference
-    weights (the official default; the M-ConFIG momentum variant is not implemented).
+    weights (the official default). The M-ConFIG momentum variant is :class:`MConFIG`.
 
     Examples:
         Two conflicting task gradients, g_1 = (1, 0) and g_2 = (−1, 1): d bisects their directions.
