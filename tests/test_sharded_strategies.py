@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-from mtl_lightning.balancing import EqualWeighting, GradNorm
+from mtl_lightning.balancing import AutoLambda, EqualWeighting, GradNorm
 from mtl_lightning.balancing.base import shards_parameters
 from mtl_lightning.models import MLP, MultiTaskModule
 from mtl_lightning.registry import balancing_methods
@@ -33,10 +33,10 @@ def test_methods_that_need_whole_parameters_refuse_fsdp_and_name_ddp(name, cls):
     method = cls(weights={"a": 1.0, "b": 1.0}) if name == "StaticWeighting" else cls()
     from mtl_lightning.gradients import GradientBalancer
 
-    expected = issubclass(cls, GradientBalancer) or cls is GradNorm
+    expected = issubclass(cls, GradientBalancer) or cls in (GradNorm, AutoLambda)
     assert method.needs_whole_parameters == expected
     if expected:
-        with pytest.raises(ValueError, match=rf"^{name} takes per-task gradients .* FSDPStrategy shards .*strategy ddp"):
+        with pytest.raises(ValueError, match=rf"^{name} differentiates the shared parameters itself .* FSDPStrategy shards .*strategy ddp"):
             method.setup(trainer, module(), "fit")
     else:
         method.setup(trainer, module(), "fit")  # a loss weighting: one backward of Σ w_t L_t, which FSDP runs

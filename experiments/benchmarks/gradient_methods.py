@@ -123,6 +123,10 @@ def torchjd_equivalents() -> dict[str, Callable[[GradientBalancer, int], Any]]:
 TORCHJD_EXCLUDED: dict[str, str] = {
     "GradDrop": "ours is rep mode only, with masks from sign(z) of the shared representation; TorchJD's "
                 "GradDrop masks the rows of the parameter Jacobian (and has no rep mode)",
+    "CRMOGM": "a wrapper: its cost is the wrapped method's (MGDA by default, compared above) plus a T-vector "
+              "average; tested against TorchJD's CRMOGMWeighting in tests/test_method_cr_mogm.py",
+    "ExcessMTL": "TorchJD's weights are T× smaller and, at its default n_warmup_steps=0, move on the first step "
+                 "(the official code's stay at 1); tested against it in tests/test_method_excess_mtl.py, not timed here yet",
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, ClassVar, Optional, Protocol, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -116,6 +116,8 @@ class AutoLambda(LossWeighting):
         >>> auto_lambda.held_out_draws  # one held-out batch per step (2 epochs × 4 steps)
         8
     """
+
+    needs_whole_parameters: ClassVar[bool] = True  # the look-ahead step differentiates every parameter
 
     def __init__(
         self,

@@ -79,7 +79,7 @@ class BalancingMethod(Callback):
             )
         if self.needs_whole_parameters and shards_parameters(trainer.strategy):
             raise ValueError(
-                f"{self.name} takes per-task gradients of the shared parameters, which "
+                f"{self.name} differentiates the shared parameters itself (per task, or for a look-ahead step), which "
                 f"{type(trainer.strategy).__name__} shards across processes. Use --trainer.strategy ddp (for a "
                 "large pretrained model, with per-task LoRA adapters: mtl_lightning.architectures.PerTaskLoRA, "
                 "so that only the adapters are trained and differentiated per task), or a loss-weighting method."
