@@ -9,7 +9,19 @@ is downloaded here, and ``.pth`` files are read with ``torch.load(weights_only=T
 holds pickled objects other than tensors is refused, never run.
 
 The output is the global-average-pooled last feature map: ``out_features`` = 8 × ``width`` (× 4
-for the bottleneck depths), i.e. 512 for ResNet-18/34 and 2048 for ResNet-50 and deeper.
+for the bottleneck depths), i.e. 512 for ResNet-18/34 and 2048 for ResNet-50 and deeper. With
+``dense=True`` it is that feature map itself, ``(batch, out_features, H / s, W / s)``, for dense heads
+(:class:`~mtl_lightning.models.DeepLabHead`, the dense tasks' default heads).
+
+``output_stride`` ``s`` (32, 16 or 8) is the dilated ResNet of Yu et al. (CVPR 2017) as DeepLab and
+LibMTL's NYUv2 / Cityscapes encoder use it (``LibMTL/model/resnet_dilated.py`` of
+github.com/median-research-group/LibMTL, ``dilate_scale``): the stride 2 of layer4 (16), or of layer3
+and layer4 (8), becomes stride 1 and the later 3×3 convolutions are dilated instead: by 2 from layer3
+on and 4 in layer4 (stride 8). The convolution in the stride's place (each dilated stage's first 3×3
+and its 1×1 ``downsample``) keeps the previous dilation: torchvision's
+``replace_stride_with_dilation=[False, True, True]`` for the bottleneck depths, and LibMTL's
+``_nostride_dilate`` for all (torchvision does not dilate basic blocks). Only strides and dilations
+change, never a weight's shape, so the same checkpoints load.
 
 ``width`` (64 in the paper) scales every layer, and ``stem="cifar"`` replaces the 7×7 stride-2
 convolution and max-pool by one 3×3 stride-1 convolution (the small-image variant used by Sener &
@@ -40,10 +52,12 @@ DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
 }
 STEMS = ("imagenet", "cifar")
+#: The stages (0-based: 2 is layer3) whose stride 2 becomes dilation, by output stride.
+OUTPUT_STRIDES: dict[int, tuple[int, ...]] = {32: (), 16: (3,), 8: (2, 3)}
 
 
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -51,16 +65,21 @@ def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 convolutions and the identity (or a 1×1 ``downsample``) shortcut."""
+    """Two 3×3 convolutions and the identity (or a 1×1 ``downsample``) shortcut.
+
+    ``dilation`` is that of the 3×3 convolutions; ``first_dilation`` (default: ``dilation``) that of
+    ``conv1``, the convolution in the stride's place (see :class:`ResNet`'s ``output_stride``).
+    """
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, planes, stride)
+        self.conv1 = _conv3x3(in_channels, planes, stride, dilation if first_dilation is None else first_dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes, dilation=dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
@@ -72,15 +91,21 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1×1 reduce, 3×3 (with the stride: torchvision's v1.5), 1×1 expand by 4, and the shortcut."""
+    """1×1 reduce, 3×3 (with the stride: torchvision's v1.5), 1×1 expand by 4, and the shortcut.
+
+    The 3×3 convolution is the one in the stride's place: its dilation is ``first_dilation``
+    (default: ``dilation``), as in torchvision, whose first block of a dilated stage gets the
+    previous stage's dilation.
+    """
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 dilation: int = 1, first_dilation: Optional[int] = None) -> None:
         super().__init__()
         self.conv1 = _conv1x1(in_channels, planes)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation if first_dilation is None else first_dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -110,6 +135,16 @@ class ResNet(nn.Module):
         hidden_features: Width of an optional shared ``Linear → BatchNorm1d → ReLU → Dropout`` layer
             after the pooling (LibMTL's Office encoder uses 512); ``None``: none.
         hidden_dropout: Dropout of that layer (LibMTL: 0.5).
+        output_stride: 32 (the plain ResNet), 16 or 8: layer4's (16), or layer3's and layer4's (8),
+            strides replaced by dilation. With ``stem="cifar"`` the overall stride is 4 times smaller.
+        dense: Return the last feature map ``(batch, out_features, H / output_stride, W / output_stride)``
+            instead of its global average (no ``hidden_features`` then).
+
+    Examples:
+        >>> import torch
+        >>> net = ResNet(50, width=4, output_stride=8, dense=True)
+        >>> tuple(net(torch.randn(2, 3, 64, 96)).shape)
+        (2, 128, 8, 12)
     """
 
     #: The stages, set by name (``layer1``…``layer4``) as torchvision names them.
@@ -120,7 +155,8 @@ class ResNet(nn.Module):
     maxpool: nn.Module
 
     def __init__(self, depth: int = 18, weights: Optional[str] = None, width: int = 64, in_channels: int = 3,
-                 stem: str = "imagenet", hidden_features: Optional[int] = None, hidden_dropout: float = 0.0) -> None:
+                 stem: str = "imagenet", hidden_features: Optional[int] = None, hidden_dropout: float = 0.0,
+                 output_stride: int = 32, dense: bool = False) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(DEPTHS)}, got {depth}.")
@@ -128,9 +164,15 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet: width must be >= 1, got {width}.")
         if stem not in STEMS:
             raise ValueError(f"ResNet: stem must be one of {list(STEMS)}, got {stem!r}.")
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"ResNet: output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride}.")
+        if dense and hidden_features is not None:
+            raise ValueError("ResNet: dense=True returns the feature map; hidden_features (a layer on the pooled "
+                             "features) must then be None.")
         kind, blocks = DEPTHS[depth]
         block: type[Union[BasicBlock, Bottleneck]] = BasicBlock if kind == "basic" else Bottleneck
         self.depth, self.width, self.in_channels, self.stem = depth, width, in_channels, stem
+        self.output_stride, self.dense = output_stride, dense
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
         else:
@@ -138,16 +180,20 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
-        channels = width
+        channels, dilation = width, 1
+        dilated = OUTPUT_STRIDES[output_stride]
         for stage, count in enumerate(blocks):
             planes, stride = width * 2**stage, 1 if stage == 0 else 2
+            previous = dilation
+            if stage in dilated:  # the stride becomes dilation (torchvision's replace_stride_with_dilation)
+                dilation, stride = dilation * stride, 1
             downsample = None
             if stride != 1 or channels != planes * block.expansion:
                 downsample = nn.Sequential(_conv1x1(channels, planes * block.expansion, stride),
                                            nn.BatchNorm2d(planes * block.expansion))
-            layers = [block(channels, planes, stride, downsample)]
+            layers = [block(channels, planes, stride, downsample, dilation=dilation, first_dilation=previous)]
             channels = planes * block.expansion
-            layers += [block(channels, planes) for _ in range(count - 1)]
+            layers += [block(channels, planes, dilation=dilation) for _ in range(count - 1)]
             setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         for module in self.modules():
@@ -176,6 +222,8 @@ class ResNet(nn.Module):
                              f"got {tuple(x.shape)}.")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        if self.dense:
+            return x
         features = self.avgpool(x).flatten(1)
         return features if self.hidden is None else self.hidden(features)
 
@@ -234,4 +282,4 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     return state
 
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "DEPTHS", "read_state_dict"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "DEPTHS", "OUTPUT_STRIDES", "read_state_dict"]

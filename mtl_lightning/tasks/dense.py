@@ -8,7 +8,9 @@ label is for the other tasks; an image with no labelled pixel for a task does no
 
 The heads read spatial features ``(N, F, H, W)`` (the encoder's ``out_features`` is F) and output
 ``(N, C, H, W)``; the default head is MTAN's prediction head, a 3×3 convolution F → F followed by a
-1×1 convolution F → C.
+1×1 convolution F → C. ``head_type="deeplab"`` builds LibMTL's
+:class:`~mtl_lightning.models.DeepLabHead` (ASPP) instead, and ``head_upsample`` resizes the
+output bilinearly by the encoder's output stride (a dilated ResNet's features are 1/8 of the image).
 """
 
 from __future__ import annotations
@@ -29,17 +31,37 @@ from mtl_lightning.metrics.dense import (
 from mtl_lightning.tasks.task import MetricSpec, Task, TaskConfigError
 
 
+#: The default heads of the dense tasks (``head_type``).
+HEAD_TYPES = ("conv", "deeplab")
+
+
 class DenseTask(Task):
     """Base class of the per-pixel tasks: the conv head, shape checks and masked means.
 
     A dense task's metrics come from one accumulator (:attr:`metric_class`) whose ``compute()``
     returns every metric at once; :attr:`directions` gives each metric's direction.
+
+    Args:
+        name: Task name.
+        head_type: The head built when none is given: ``"conv"`` (MTAN's 3×3 and 1×1 convolutions)
+            or ``"deeplab"`` (:class:`~mtl_lightning.models.DeepLabHead`, LibMTL's ASPP head).
+        head_upsample: Factor of a bilinear resize of the built head's output (``align_corners=True``,
+            as LibMTL's ``process_preds``): the encoder's output stride, so the output fits the labels.
+        **kwargs: :class:`~mtl_lightning.tasks.Task`'s arguments (``label_key``, ``head``, ``baselines``).
     """
 
     #: Channels of the target map (0: a map of class indices, ``(N, H, W)``).
     target_channels: int = 1
     #: ``{metric: higher_is_better}`` of the accumulator's outputs.
     directions: dict[str, bool] = {}
+
+    def __init__(self, name: str, head_type: str = "conv", head_upsample: int = 1, **kwargs: Any) -> None:
+        if head_type not in HEAD_TYPES:
+            raise TaskConfigError(f"Task '{name}': head_type must be one of {list(HEAD_TYPES)}, got {head_type!r}.")
+        if head_upsample < 1:
+            raise TaskConfigError(f"Task '{name}': head_upsample must be >= 1, got {head_upsample}.")
+        self.head_type, self.head_upsample = head_type, head_upsample
+        super().__init__(name, **kwargs)
 
     def make_metric(self) -> torchmetrics.Metric:
         """The accumulator of every metric of the task."""
@@ -52,9 +74,20 @@ class DenseTask(Task):
         return {self.name: self.make_metric()}
 
     def build_head(self, in_features: int) -> nn.Module:
+        """The configured head, else the ``head_type`` head on ``in_features`` channels: ``"conv"``
+        (MTAN's 3×3 and 1×1 convolutions) or ``"deeplab"`` (LibMTL's ASPP head), resized by ``head_upsample``."""
         if self.head is not None:
             return self.head
-        return nn.Sequential(nn.Conv2d(in_features, in_features, 3, padding=1), nn.Conv2d(in_features, self.output_size, 1))
+        if self.head_type == "deeplab":
+            from mtl_lightning.models.deeplab import DeepLabHead
+
+            return DeepLabHead(in_features, self.output_size, upsample=self.head_upsample)
+        layers = [nn.Conv2d(in_features, in_features, 3, padding=1), nn.Conv2d(in_features, self.output_size, 1)]
+        if self.head_upsample > 1:
+            from mtl_lightning.models.deeplab import Upsample
+
+            layers.append(Upsample(self.head_upsample))
+        return nn.Sequential(*layers)
 
     def check_output(self, output: Tensor, target: Tensor) -> None:
         channels = self.target_channels
