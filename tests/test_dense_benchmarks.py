@@ -142,16 +142,24 @@ def test_shipped_config_runs_end_to_end(config, tmp_path, monkeypatch):
     root = write_fixture(tmp_path / "data", classes=13 if benchmark == "nyuv2" else 7, normals=benchmark == "nyuv2",
                          label_folder="label" if benchmark == "nyuv2" else "label_7")
     monkeypatch.chdir(tmp_path)
-    configs = [f"{benchmark}/ew.yaml"] + ([config] if not config.endswith("ew.yaml") else [])
+    deeplab = "deeplab" in config  # LibMTL's protocol: a config of its own, a ResNet-50 (narrowed here)
+    configs = [config] if deeplab else [f"{benchmark}/ew.yaml"] + ([config] if not config.endswith("ew.yaml") else [])
+    shrink = ["--model.encoder.init_args.width", "4"] if deeplab else ["--model.encoder.init_args.filters", "[4, 8, 8]"]
     args = ["fit"] + [a for c in configs for a in ("--config", str(ROOT / c))] + [
         "--data.init_args.root", str(root), "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
-        "--model.encoder.init_args.filters", "[4, 8, 8]", "--data.init_args.batch_size", "3",
+        "--data.init_args.batch_size", "3", *shrink,
     ]
     cli = MTLCLI(args=args, run_summary=False)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 4
+    if deeplab:  # Δp against the first validation; the best-Δp epoch is checkpointed
+        base = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "FirstValidationBaselines").baselines
+        assert base is not None and set(base) == set(cli.model.tasks)
+        assert all(cli.model.tasks[n].baselines == v for n, v in base.items())
+        assert torch.isfinite(metrics["val/delta_mtl"]) and list(tmp_path.rglob("best-epoch=*.ckpt"))
+        return
     assert torch.isfinite(metrics["val_last10/delta_m"]) and 0 <= float(metrics["val/segmentation/miou"]) <= 1
     averaged = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LastEpochsAverage")
     first, second = (r["depth"]["abs_err"] for r in averaged.history)

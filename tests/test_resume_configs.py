@@ -151,7 +151,11 @@ def args_for(configs: list[Path], options: dict[str, str], root: Path, steps: in
     config = merged(configs)
     data = config["data"]["class_path"].rsplit(".", 1)[-1]
     args = [a for c in configs for a in ("--config", str(c))]
-    for key, value in {**options, **TINY[data]}.items():
+    tiny = dict(TINY[data])
+    if config["model"]["encoder"]["class_path"].endswith(".ResNet") and "--model.encoder.init_args.filters" in tiny:
+        del tiny["--model.encoder.init_args.filters"]  # LibMTL's dense model (deeplab_ew.yaml): a narrow ResNet-50
+        tiny["--model.encoder.init_args.width"] = 4
+    for key, value in {**options, **tiny}.items():
         args += [key, value if isinstance(value, str) else json.dumps(value)]
     max_epochs = (config.get("trainer") or {}).get("max_epochs")
     if max_epochs is not None and 0 <= max_epochs < steps:  # room for the N steps (one step per epoch at least)
