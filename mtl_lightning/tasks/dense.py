@@ -82,7 +82,7 @@ class DenseTask(Task):
             from mtl_lightning.models.deeplab import DeepLabHead
 
             return DeepLabHead(in_features, self.output_size, upsample=self.head_upsample)
-        layers = [nn.Conv2d(in_features, in_features, 3, padding=1), nn.Conv2d(in_features, self.output_size, 1)]
+        layers: list[nn.Module] = [nn.Conv2d(in_features, in_features, 3, padding=1), nn.Conv2d(in_features, self.output_size, 1)]
         if self.head_upsample > 1:
             from mtl_lightning.models.deeplab import Upsample
 
