@@ -116,6 +116,10 @@ def torchjd_equivalents() -> dict[str, Callable[[GradientBalancer, int], Any]]:
         # TorchJD's weighting of A = J₁J₂ᵀ with both batches the training batch (our setting): A = JJᵀ.
         "SDMGrad": lambda ours, t: aggregation.GramianWeightedAggregator(aggregation.SDMGradWeighting(
             lr=ours.lr, momentum=ours.momentum, n_iter=ours.iterations, lambda_=ours.lamda)),
+        # TorchJD's weighting of G = J₁J₂ᵀ from two batches it computes itself; given the one batch's J, it
+        # weights JJᵀ (what ours does on fixed Jacobians; in training ours splits the batch in two halves).
+        "MoDo": lambda ours, t: aggregation.GramianWeightedAggregator(aggregation.MoDoWeighting(
+            gamma=ours.gamma, rho=ours.rho)),
     }
 
 

@@ -193,6 +193,7 @@ def per_task_gradients(
     mode: str = "param",
     batched: bool = True,
     head_inputs: Optional[Sequence[Optional[Tensor]]] = None,
+    sample_splits: int = 1,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The per-task Jacobian w.r.t. the shared parameters and Σ_t ∂L_t/∂θ for every other parameter.
 
@@ -215,10 +216,27 @@ def per_task_gradients(
     w.r.t. shared and unshared parameters in one batched backward. The blocks are not concatenated
     (no T×P copy): :func:`flatten_jacobian` gives the T×P matrix.
 
+    ``sample_splits = S > 1`` (param mode with a shared representation; for stochastic methods that
+    need task Jacobians of independent sample sets, e.g. MoDo's double sampling) splits the micro-batch
+    by sample index modulo S and returns blocks ``(S·T, *shape)``, split-major: rows s·T + t are the
+    contributions of the samples i ≡ s (mod S) to ∂L_t/∂θ, from the rows ∂L_t/∂z masked to those
+    samples (one batched backward of S·T rows instead of T; no extra forward). They sum to the Jacobian
+    exactly; each is the gradient of the split's share of the mean loss, so S × split s estimates J
+    (exactly the split's mean-loss gradient when every sample is labelled and B is a multiple of S). The
+    index-modulo split keeps the same sample sets under accumulation and DDP (contiguous micro-batches
+    and rank shards of a size divisible by S). An encoder that mixes samples (BatchNorm in training
+    mode) couples the splits through its statistics.
+
     Returns ``(jacobian_blocks, unshared_gradients)``.
     """
     if mode not in ("param", "rep"):
         raise ValueError(f"mode must be 'param' or 'rep', got {mode!r}.")
+    if sample_splits != 1 and (sample_splits < 1 or mode != "param" or not isinstance(features, Tensor)
+                               or features.dim() == 0):
+        raise ValueError(
+            f"sample_splits={sample_splits} needs param mode and a shared, batch-first representation; got "
+            f"mode={mode!r} and {tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__}."
+        )
     losses, shared, unshared = list(losses), list(shared), list(unshared)
     if not isinstance(features, Tensor):
         if mode == "rep":
@@ -241,7 +259,31 @@ def per_task_gradients(
     cotangents = torch.stack(rows)
     if mode == "rep":
         return [cotangents], unshared_grads
+    if sample_splits > 1:
+        cotangents = split_by_sample(cotangents, sample_splits)
     return _batched_or_looped_vjp(features, shared, cotangents, batched), unshared_grads
+
+
+def split_by_sample(rows: Tensor, splits: int) -> Tensor:
+    """``rows`` (T, B, …) as (S·T, B, …), split-major: copy s keeps the samples i ≡ s (mod S), zeros elsewhere."""
+    batch = rows.shape[1]
+    owner = torch.arange(batch, device=rows.device) % splits
+    masks = (owner == torch.arange(splits, device=rows.device).unsqueeze(1)).to(rows.dtype)  # (S, B)
+    masks = masks.view(splits, 1, batch, *([1] * (rows.dim() - 2)))
+    return (rows.unsqueeze(0) * masks).flatten(0, 1)
+
+
+def cross_gramian(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """A = J_a J_bᵀ (T×T, not symmetric in general) of two Jacobians given as matching blocks
+    ``(T, *shape)``: exact float64 products for float64 blocks, else float32 ones (as :func:`gramian`)."""
+    total: Optional[Tensor] = None
+    for a, b in zip(left, right):
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        part = a.reshape(a.shape[0], -1).to(dtype) @ b.reshape(b.shape[0], -1).to(dtype).T
+        total = part if total is None else total.add_(part)
+    if total is None:
+        raise ValueError("cross_gramian needs at least one pair of Jacobian blocks.")
+    return total
 
 
 def _add(total: Optional[list[Optional[Tensor]]], grads: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:

@@ -25,6 +25,8 @@ from mtl_lightning.gradients.gradvac import GradVac
 from mtl_lightning.gradients.imtl_g import IMTLG
 from mtl_lightning.gradients.mconfig import MConFIG
 from mtl_lightning.gradients.mgda import MGDA
+from mtl_lightning.gradients.moco import MoCo
+from mtl_lightning.gradients.modo import MoDo
 from mtl_lightning.gradients.nash_mtl import NashMTL
 from mtl_lightning.gradients.pcgrad import PCGrad
 from mtl_lightning.gradients.sdmgrad import SDMGrad
@@ -35,6 +37,6 @@ __all__ = [
     "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
     "representation_backward",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
-    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL", "MConFIG",
+    "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL", "MConFIG", "MoCo", "MoDo",
     "TorchJDWeighting",
 ]

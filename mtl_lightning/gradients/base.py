@@ -26,13 +26,14 @@ Semantics shared by every method (see the README, "Gradient balancing methods"):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Optional, cast
 
 import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
-from mtl_lightning.core.engine import combine, gramian, per_task_gradients, representation_backward
+from mtl_lightning.core.engine import combine, cross_gramian, gramian, per_task_gradients, representation_backward
 
 MODES = ("param", "rep")
 
@@ -68,6 +69,13 @@ class GradientBalancer(BalancingMethod):
     #: where it removes it); the method registry's property suite checks each.
     promises: ClassVar[frozenset[str]] = frozenset(
         {"permutation_equivariant", "single_task_gradient", "identical_gradients"})
+    #: True for a method whose weights need the task Jacobians of two independent sample sets (MoDo's
+    #: double sampling). In param mode with a shared representation the engine then splits each
+    #: micro-batch by sample parity (``per_task_gradients(sample_splits=2)``, no extra forward), and the
+    #: method gets J = J₀ + J₁ (the whole batch) and, in place of the Gramian, A = (2J₀)(2J₁)ᵀ: each
+    #: half's mean-loss gradient estimate, so E[A] = E[J]E[J]ᵀ for independent halves. Without a shared
+    #: representation (features by task) the halves cannot be told apart after the forward: A = JJᵀ.
+    double_sampling: ClassVar[bool] = False
 
     def __init__(self, mode: Optional[str] = None, batched: bool = True) -> None:
         super().__init__()
@@ -83,6 +91,7 @@ class GradientBalancer(BalancingMethod):
         #: The last step's solution of an iterative solver (MGDA, CAGrad, UPGrad, FairGrad), from which
         #: the next step's solve starts: it changes the last bits of the answer, so it is checkpointed.
         self._previous: Optional[Tensor] = None
+        self._warned_no_split = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -140,10 +149,11 @@ class GradientBalancer(BalancingMethod):
         scaled = [l * scale for l in losses] if scale is not None else losses
         shared = ctx.shared_parameters()
         unshared = ctx.unshared_parameters()
+        splits = 2 if self._splits_samples(ctx) else 1
         with ctx.no_sync():
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
             jacobian, unshared_grads = per_task_gradients(scaled, ctx.features, shared, unshared, self.mode,
-                                                          self.batched, head_inputs)
+                                                          self.batched, head_inputs, sample_splits=splits)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
             self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared)
@@ -153,6 +163,29 @@ class GradientBalancer(BalancingMethod):
         return dict(zip(names, last.detach().float().unbind()))
 
     # -- helpers --------------------------------------------------------------------------------
+    def _splits_samples(self, ctx: BalancingContext) -> bool:
+        """Whether this step's Jacobian comes as two sample halves (see :attr:`double_sampling`)."""
+        if not self.double_sampling or self.mode != "param":
+            return False
+        if isinstance(ctx.features, Tensor) and ctx.features.dim() > 0:
+            return True
+        if not self._warned_no_split:
+            self._warned_no_split = True
+            warnings.warn(f"{self.name}: the architecture has no shared representation, so the batch cannot be "
+                          "split into two halves after the forward pass; both samples of the double sampling are "
+                          "the whole batch (A = JJᵀ).", stacklevel=2)
+        return False
+
+    def _split_jacobian(self, blocks: list[Tensor], scale: Optional[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """J = J₀ + J₁ and A = (2J₀)(2J₁)ᵀ of the unscaled gradients (float64) from the engine's
+        split-major ``(2T, *shape)`` blocks."""
+        t = blocks[0].shape[0] // 2
+        halves = [b.unflatten(0, (2, t)) for b in blocks]
+        cross = 4.0 * cross_gramian([h[0] for h in halves], [h[1] for h in halves]).double()
+        if scale is not None:
+            cross = cross / scale.double() ** 2
+        return [h.sum(0) for h in halves], cross
+
     def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], unshared_grads: list[Tensor], loss_vector: Tensor,
                  scale: Optional[Tensor], shared: list[nn.Parameter], unshared: list[nn.Parameter]) -> None:
         """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring);
@@ -164,7 +197,11 @@ class GradientBalancer(BalancingMethod):
                 return
             n = len(jacobian)
             jacobian, unshared_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
-            gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
+            gramian: Optional[Tensor] = None
+            if jacobian[0].shape[0] != len(ctx.task_names):  # two sample halves (double sampling)
+                jacobian, gramian = self._split_jacobian(jacobian, scale)
+            elif self.uses_gramian:
+                gramian = self._gramian(jacobian, scale)
             direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
             self._write(shared, direction)
             self._write(unshared, unshared_grads)

@@ -61,10 +61,11 @@ TOY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "CAGrad": {"c": 0.5},
     "NashMTL": {"max_norm": 1.0, "iterations": 20, "update_every": 1},
 }
-#: Methods that take the log of each loss (DB-MTL: ∇log L_t). The toy's losses are negative, so these
-#: methods see L_t − L_t* with L_t* = −21 × the objective's scale (the lower bound FAMO's toy uses);
-#: the shift changes no gradient, only the log's argument.
-TOY_SHIFTED_LOSSES: tuple[str, ...] = ("DBMTL",)
+#: Methods that take the log of each loss (DB-MTL: ∇log L_t) or scale each gradient by its loss (MoCo:
+#: ‖ĝ_t‖ = L_t). The toy's losses are negative, so these methods see L_t − L_t* with L_t* = −21 × the
+#: objective's scale (the lower bound FAMO's toy uses); the shift changes no gradient, only the log's
+#: argument or the norm.
+TOY_SHIFTED_LOSSES: tuple[str, ...] = ("DBMTL", "MoCo")
 TASKS = ("f1", "f2")
 
 
