@@ -139,12 +139,15 @@ class ExcessMTL(GradientBalancer):
             if total.device != block.device:
                 total = self.squared_sums[i] = total.to(block.device)
             g = block.reshape(t, -1).to(total.dtype)
-            squares = (g / scale.to(total.dtype) if scale is not None else g).square()
+            if scale is not None:
+                g = g / scale.to(total.dtype)
             if neutral:
                 assert finite is not None
-                squares = squares.nan_to_num_(0.0, 0.0, 0.0).mul_(finite.to(squares.dtype))
-            total.add_(squares)
-            excess += squares.div_(total.add(EPS).sqrt_()).sum(1, dtype=torch.float64)
+                g = g.nan_to_num(0.0, 0.0, 0.0).mul_(finite.to(g.dtype))
+            # Σ g² ← Σ g² + g², then Σ_i g_i² / √(Σ g_i² + ε), with one T×n temporary
+            total.addcmul_(g, g)
+            weighted = total.add(EPS).rsqrt_().mul_(g).mul_(g)
+            excess += weighted.sum(1, dtype=torch.float64)
         return excess
 
     def state_dict(self) -> dict[str, Any]:

@@ -105,45 +105,47 @@ class MoCo(GradientBalancer):
         return d = Yᵀλ (×``scale``, in the blocks' dtype) and λ. ``gramian`` and ``ctx`` are not used."""
         t = jacobian[0].shape[0]
         dtypes = [g.dtype for g in jacobian]
-        grads = [g.to(torch.promote_types(g.dtype, torch.float32)) for g in jacobian]
+        state_dtype = torch.promote_types(dtypes[0], torch.float32)
+        # ĝ_t = c_t·J_t with c_t = L_t / ‖g_t‖ (normalised) or 1, over the loss scale: folded into the
+        # update of Y below, so no scaled copy of J is made.
+        norms = torch.stack([torch.linalg.vector_norm(g.reshape(t, -1), dim=1).double() for g in jacobian]).square()
+        norms = norms.sum(0).sqrt()
         if scale is not None:
-            grads = [g / scale.to(g.dtype) for g in grads]
-        norms = torch.stack([g.reshape(t, -1).double().square().sum(1) for g in grads]).sum(0).sqrt()
-        if scale is not None and not bool(all_finite(norms)):  # an fp16 overflow: the optimizer skips this step
-            return [g.sum(0) for g in jacobian], torch.zeros(t, dtype=torch.float64, device=norms.device)
-        if self.normalize:
-            factor = losses.to(norms) / (norms + 1e-8)
-            grads = [g * factor.to(g.dtype).view(t, *([1] * (g.dim() - 1))) for g in grads]
-        y, lambd = self._state(grads, t)
+            norms = norms / scale.double()
+            if not bool(all_finite(norms)):  # an fp16 overflow: the optimizer skips this step
+                return [g.sum(0) for g in jacobian], torch.zeros(t, dtype=torch.float64, device=norms.device)
+        coefficient = losses.to(norms) / (norms + 1e-8) if self.normalize else torch.ones_like(norms)
+        if scale is not None:
+            coefficient = coefficient / scale.double()
+        y, lambd = self._state(jacobian, t, state_dtype)
         self.steps += 1
         beta = self.beta / self.steps**self.beta_sigma
         gamma = self.gamma / self.steps**self.gamma_sigma
         with torch.no_grad():
-            for tracked, g in zip(y, grads):
-                tracked.sub_(tracked - g, alpha=beta)  # y − β(y − ĝ), LibMTL's order of operations
+            step_size = (beta * coefficient).to(state_dtype)
+            for tracked, g in zip(y, jacobian):  # y ← y − β(y − ĝ) = (1 − β)y + βĝ, in place
+                tracked.mul_(1.0 - beta).addcmul_(g.to(state_dtype), step_size.view(t, *([1] * (g.dim() - 1))))
             yy = _gramian64(y)
             step = lambd - gamma * (yy @ lambd + self.rho * lambd)
             lambd = torch.softmax(step, 0) if self.projection == "softmax" else project_onto_simplex(step)
         self.lambd = lambd
-        direction = combine(lambd, y)
-        if scale is not None:
-            direction = [d * scale.to(d.dtype) for d in direction]
+        direction = combine(lambd if scale is None else lambd * scale.double(), y)
         return [d.to(dtype) for d, dtype in zip(direction, dtypes)], lambd
 
-    def _state(self, grads: list[Tensor], num_tasks: int) -> tuple[list[Tensor], Tensor]:
-        """Y (zeros) and λ (uniform) at the first step; after a resume, checked against the gradients'
-        shapes and moved to their device."""
+    def _state(self, grads: list[Tensor], num_tasks: int, dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
+        """Y (zeros, in ``dtype``) and λ (uniform) at the first step; after a resume, checked against the
+        gradients' shapes and moved to their device."""
         device = grads[0].device
         if self.y is None or self.lambd is None:
-            self.y = [torch.zeros_like(g) for g in grads]
+            self.y = [torch.zeros_like(g, dtype=dtype) for g in grads]
             self.lambd = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64, device=device)
             self.steps = 0
         shapes, held = [tuple(g.shape) for g in grads], [tuple(y.shape) for y in self.y]
         if held != shapes:
             raise ValueError(f"MoCo tracks gradients of shapes {held} (tasks first), but got {shapes} "
                              "(a checkpoint of another model or task set?).")
-        if self.y[0].device != device or self.y[0].dtype != grads[0].dtype:
-            self.y = [y.to(device=device, dtype=g.dtype) for y, g in zip(self.y, grads)]
+        if self.y[0].device != device or self.y[0].dtype != dtype:
+            self.y = [y.to(device=device, dtype=dtype) for y in self.y]
         self.lambd = self.lambd.to(device=device, dtype=torch.float64)
         return self.y, self.lambd
 
