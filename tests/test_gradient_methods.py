@@ -660,3 +660,18 @@ def test_simplex_projection_matches_a_qp():
                        constraints={"type": "eq", "fun": lambda x: x.sum() - 1}, method="SLSQP",
                        options={"ftol": 1e-15, "maxiter": 500}).x
         np.testing.assert_allclose(project_onto_simplex(torch.tensor(v)).numpy(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5])
+def test_the_host_iterations_equal_the_device_iterations(num_tasks: int) -> None:
+    from mtl_lightning.gradients.sdmgrad import _projected_sgd, _projected_sgd_numpy
+
+    g = torch.Generator().manual_seed(num_tasks)
+    for lr in (0.1, 1.0, 10.0):
+        jac = torch.randn(num_tasks, 7, generator=g, dtype=torch.float64)
+        matrix = jac @ jac.T / jac.norm(dim=1).mean() ** 2
+        pull = 0.3 * matrix.mean(1)
+        start = torch.softmax(torch.randn(num_tasks, generator=g, dtype=torch.float64), 0)
+        device = _projected_sgd(matrix, pull, start.clone(), lr, 0.5, 20)
+        host = _projected_sgd_numpy(matrix.numpy(), pull.numpy(), start.numpy().copy(), lr, 0.5, 20)
+        torch.testing.assert_close(torch.from_numpy(host), device, rtol=1e-12, atol=1e-14)

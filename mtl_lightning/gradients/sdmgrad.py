@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,11 +74,11 @@ class SDMGrad(GradientBalancer):
         normalized = gramian / scale.square()
         pull = self.lamda * normalized.mean(1)  # λ M̄ 1/T
         w = warm_start(self.w, uniform)
-        velocity = torch.zeros_like(w)
-        for iteration in range(self.iterations):
-            grad = normalized @ w + pull
-            velocity = grad if iteration == 0 else velocity.mul_(self.momentum).add_(grad)
-            w = project_onto_simplex(w - self.lr * velocity)
+        if w.device.type == "cpu":  # the same iterations on NumPy arrays: ~10× fewer µs per tiny op
+            w = torch.from_numpy(_projected_sgd_numpy(normalized.numpy(), pull.numpy(), w.numpy(), self.lr,
+                                                      self.momentum, self.iterations))
+        else:
+            w = _projected_sgd(normalized, pull, w, self.lr, self.momentum, self.iterations)
         self.w = w
         return (w + self.lamda * uniform) / (1 + self.lamda)
 
@@ -86,3 +87,30 @@ class SDMGrad(GradientBalancer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.w = state_dict.get("w")
+
+
+def _projected_sgd(matrix: Tensor, pull: Tensor, w: Tensor, lr: float, momentum: float, iterations: int) -> Tensor:
+    """:meth:`SDMGrad.weights`' iterations on the device: w ← Π_Δ(w − lr·v), v ← momentum·v + (M̄w + pull),
+    v starting at the first gradient."""
+    velocity = torch.zeros_like(w)
+    for iteration in range(iterations):
+        grad = matrix @ w + pull
+        velocity = grad if iteration == 0 else velocity.mul_(momentum).add_(grad)
+        w = project_onto_simplex(w - lr * velocity)
+    return w
+
+
+def _projected_sgd_numpy(matrix: np.ndarray, pull: np.ndarray, w: np.ndarray, lr: float, momentum: float,
+                         iterations: int) -> np.ndarray:
+    """:func:`_projected_sgd` on host arrays (float64), for CPU tensors; Π_Δ as :func:`project_onto_simplex`."""
+    ranks = np.arange(1, w.shape[0] + 1, dtype=w.dtype)
+    velocity = np.zeros_like(w)
+    for iteration in range(iterations):
+        grad = matrix @ w + pull
+        velocity = grad if iteration == 0 else momentum * velocity + grad
+        v = w - lr * velocity
+        u = -np.sort(-v)
+        thresholds = (np.cumsum(u) - 1) / ranks
+        rho = max(int((u > thresholds).sum()), 1) - 1
+        w = np.maximum(v - thresholds[rho], 0.0)
+    return w
