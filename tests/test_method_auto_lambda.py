@@ -11,6 +11,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
+from gradient_helpers import fit_two_digit_tasks
 from helpers import assert_same_state, quiet_trainer, resumable_state
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
@@ -437,14 +438,8 @@ def test_resume_mid_epoch_continues_the_held_out_stream(tmp_path):
 # ------------------------------------------------------------------------ learning
 @pytest.mark.slow
 def test_auto_lambda_learns_multidigits():
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask("left", 10), ClassificationTask("right", 10)],
-                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
     method = AutoLambda()
-    trainer = quiet_trainer(callbacks=[method], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(method)
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
     assert method.held_out_draws == 16 and not torch.equal(method.task_weights(), torch.full((2,), 0.1))
 

@@ -16,15 +16,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from gradient_helpers import flat_parameters, loader, make_batches, make_module, quiet_trainer
+from gradient_helpers import fit_two_digit_tasks, flat_parameters, loader, make_batches, make_module, quiet_trainer
 from helpers import run_ddp_worker
-from mtl_lightning import ClassificationTask, MultiTaskModule
 from mtl_lightning.balancing import EqualWeighting
-from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.gradients import (
     CRMOGM, DBMTL, GradDrop, GradientBalancer, IMTLG, MGDA, PCGrad, TorchJDWeighting, UPGrad,
 )
-from mtl_lightning.models import MLP
 
 HERE = Path(__file__).parent
 T, P = 3, 10
@@ -261,12 +258,5 @@ def test_the_wrapped_method_is_configured_from_yaml(tmp_path):
 @pytest.mark.slow
 @pytest.mark.one_thread
 def test_cr_mgda_learns_multidigits():
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
-                                               ClassificationTask(name="right", num_classes=10)],
-                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
-    trainer = quiet_trainer(callbacks=[CRMOGM()], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(CRMOGM())
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1

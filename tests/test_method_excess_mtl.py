@@ -14,12 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from gradient_helpers import flat_parameters, make_batches, make_module, train
+from gradient_helpers import fit_two_digit_tasks, flat_parameters, make_batches, make_module, train
 from helpers import run_ddp_worker
-from mtl_lightning import ClassificationTask, MultiTaskModule
-from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.gradients import ExcessMTL
-from mtl_lightning.models import MLP
 
 T, P = 3, 12
 
@@ -250,18 +247,7 @@ def test_ddp_with_accumulation_equals_one_process_and_every_rank_holds_the_same_
 @pytest.mark.slow
 @pytest.mark.one_thread
 def test_excess_mtl_learns_multidigits():
-    import lightning.pytorch as pl
-
-    from helpers import quiet_trainer
-
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
-                                               ClassificationTask(name="right", num_classes=10)],
-                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
     method = ExcessMTL(robust_step_size=1.0)
-    trainer = quiet_trainer(callbacks=[method], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(method)
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
     assert method.steps == 16 and not torch.allclose(method.task_weights, torch.ones(2, dtype=torch.float64))

@@ -22,10 +22,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from architecture_zoo import ARCHITECTURES, NO_SHARED
 from architecture_zoo import batch as zoo_batch
 from architecture_zoo import build as zoo_build
-from gradient_helpers import flat_parameters, loader, make_batches, make_module
+from gradient_helpers import fit_two_digit_tasks, flat_parameters, loader, make_batches, make_module
 from helpers import quiet_trainer
 from mtl_lightning.core import MultiTaskStep
-from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.gradients import ConFIG, MConFIG
 from mtl_lightning.models.encoders import MLP
 from mtl_lightning.models.module import MultiTaskModule
@@ -318,14 +317,7 @@ def test_training_equals_sgd_on_the_official_operator_with_the_tasks_in_turn(hea
 @pytest.mark.slow
 def test_mconfig_learns_multidigits():
     """Two digit tasks, SGD (as the official M-ConFIG experiments), each task's gradient every other step."""
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
-                                               ClassificationTask(name="right", num_classes=10)],
-                             optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
-    trainer = quiet_trainer(callbacks=[MConFIG()], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(MConFIG(), optimizer=lambda p: torch.optim.SGD(p, lr=0.01))
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
 
 

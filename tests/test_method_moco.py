@@ -14,11 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from gradient_helpers import make_batches, train
-from mtl_lightning import ClassificationTask, MultiTaskModule
-from mtl_lightning.data import MultiDigitsDataModule
+from gradient_helpers import fit_two_digit_tasks, make_batches, official_simplex_projection, train
 from mtl_lightning.gradients import MoCo
-from mtl_lightning.models import MLP
 
 T, P = 3, 12
 
@@ -42,20 +39,6 @@ def aggregate(method: MoCo, jac: Tensor, losses: Tensor, scale: Optional[Tensor]
     return torch.cat([first, second.reshape(-1)]), w
 
 
-def simplex_projection(v: np.ndarray) -> np.ndarray:
-    """The authors' ``_projection2simplex`` (a sorted-threshold loop)."""
-    m = len(v)
-    u = np.sort(v)[::-1]
-    tmpsum, tmax_f = 0.0, (v.sum() - 1.0) / m
-    for i in range(m - 1):
-        tmpsum += u[i]
-        tmax = (tmpsum - 1) / (i + 1.0)
-        if tmax > u[i + 1]:
-            tmax_f = tmax
-            break
-    return np.maximum(v - tmax_f, 0.0)
-
-
 def reference(sequence: list[Tensor], losses: list[Tensor], beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5,
               rho=0.0, normalize=True, projection="softmax") -> list[tuple[np.ndarray, np.ndarray]]:
     """LibMTL's MoCo.backward in numpy: grads normalised to ‖g‖ = loss, y ← y − β_k(y − g),
@@ -74,7 +57,7 @@ def reference(sequence: list[Tensor], losses: list[Tensor], beta=0.5, beta_sigma
             e = np.exp(v - v.max())
             lambd = e / e.sum()
         else:
-            lambd = simplex_projection(v)
+            lambd = official_simplex_projection(v)
         out.append((y.T @ lambd, lambd))
     return out
 
@@ -187,19 +170,8 @@ def test_training_updates_the_state_once_per_optimizer_step():
 @pytest.mark.slow
 @pytest.mark.one_thread
 def test_moco_learns_multidigits():
-    import lightning.pytorch as pl
-
-    from helpers import quiet_trainer
-
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
-                                               ClassificationTask(name="right", num_classes=10)],
-                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
     method = MoCo()
-    trainer = quiet_trainer(callbacks=[method], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(method)
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
     assert method.steps == 16 and method.lambd is not None
     assert not torch.allclose(method.lambd, torch.full((2,), 0.5, dtype=torch.float64))

@@ -13,12 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from gradient_helpers import make_batches, make_module, train
-from mtl_lightning import ClassificationTask, MultiTaskModule
+from gradient_helpers import fit_two_digit_tasks, make_batches, make_module, official_simplex_projection, train
 from mtl_lightning.core.engine import per_task_gradients
-from mtl_lightning.data import MultiDigitsDataModule
 from mtl_lightning.gradients import MoDo
-from mtl_lightning.models import MLP
 
 T, P = 3, 10
 
@@ -32,26 +29,12 @@ def pairs(steps: int = 6, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
              base + 0.3 * torch.randn(T, P, generator=gen, dtype=torch.float64)) for _ in range(steps)]
 
 
-def projection2simplex(y: np.ndarray) -> np.ndarray:
-    """The official ``_projection2simplex``."""
-    m = len(y)
-    sorted_y = np.sort(y)[::-1]
-    tmpsum, tmax_f = 0.0, (y.sum() - 1.0) / m
-    for i in range(m - 1):
-        tmpsum += sorted_y[i]
-        tmax = (tmpsum - 1) / (i + 1.0)
-        if tmax > sorted_y[i + 1]:
-            tmax_f = tmax
-            break
-    return np.maximum(y - tmax_f, 0.0)
-
-
 def official(sequence: list[tuple[Tensor, Tensor]], gamma: float, rho: float) -> list[np.ndarray]:
     """The official MoDo.backward's λ update: λ ← proj(λ − γ(g₁(g₂ᵀλ) + ρλ)), λ₀ = 1/T."""
     lambd = np.ones(T) / T
     out = []
     for g1, g2 in sequence:
-        lambd = projection2simplex(lambd - gamma * (g1.numpy() @ (g2.numpy().T @ lambd) + rho * lambd))
+        lambd = official_simplex_projection(lambd - gamma * (g1.numpy() @ (g2.numpy().T @ lambd) + rho * lambd))
         out.append(lambd.copy())
     return out
 
@@ -148,7 +131,7 @@ def test_a_training_step_takes_lambdas_step_on_the_two_halves_product():
     gamma, rho = 0.5, 0.1
     t = halves[0].shape[0]
     lambd = np.ones(t) / t
-    expected = projection2simplex(lambd - gamma * (halves[0].numpy() @ (halves[1].numpy().T @ lambd) + rho * lambd))
+    expected = official_simplex_projection(lambd - gamma * (halves[0].numpy() @ (halves[1].numpy().T @ lambd) + rho * lambd))
     method = MoDo(gamma=gamma, rho=rho)
     train(method, [batch])
     assert method.lambd is not None
@@ -195,18 +178,7 @@ def test_bad_options_raise_clear_errors(options, message):
 @pytest.mark.slow
 @pytest.mark.one_thread
 def test_modo_learns_multidigits():
-    import lightning.pytorch as pl
-
-    from helpers import quiet_trainer
-
-    pl.seed_everything(0)
-    module = MultiTaskModule(MLP(144, (64,)), [ClassificationTask(name="left", num_classes=10),
-                                               ClassificationTask(name="right", num_classes=10)],
-                             optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
-    data = MultiDigitsDataModule(num_train=1024, batch_size=128)
     method = MoDo(gamma=0.1)
-    trainer = quiet_trainer(callbacks=[method], max_epochs=2)
-    trainer.fit(module, data)
-    result = trainer.validate(module, data, verbose=False)[0]
+    result = fit_two_digit_tasks(method)
     assert result["val/left/accuracy"] > 0.35 and result["val/right/accuracy"] > 0.35  # chance: 0.1
     assert method.lambd is not None and not torch.allclose(method.lambd, torch.full((2,), 0.5, dtype=torch.float64))
