@@ -147,7 +147,7 @@ class ExcessMTL(GradientBalancer):
             # Σ g² ← Σ g² + g², then Σ_i g_i² / √(Σ g_i² + ε), with one T×n temporary
             total.addcmul_(g, g)
             weighted = total.add(EPS).rsqrt_().mul_(g).mul_(g)
-            excess += weighted.sum(1, dtype=torch.float64)
+            excess += weighted.sum(1).double()  # a float64 sum would first copy the T×n block to float64
         return excess
 
     def state_dict(self) -> dict[str, Any]:
