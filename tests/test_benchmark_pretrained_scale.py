@@ -42,7 +42,8 @@ def test_the_tiny_preset_gives_every_configuration_row(benchmark, folder, one_th
             for row in benchmark.run_group(folder, 2, group, "UPGrad", batch_size=2, seq_len=8, repeats=1,
                                            device="cpu", inner=1, threads=1)]
     keys = {(r["group"], r["method"], r["mode"]) for r in rows}
-    common = {("floor", "-"), ("EW", "-"), ("UPGrad", "param"), ("UPGrad", "torchjd autojac"),
+    common = {("floor", "-"), ("EW", "-"), ("UPGrad", "param/batched"), ("UPGrad", "param/looped"),
+              ("UPGrad", "torchjd autojac"),
               ("UPGrad", "torchjd autojac-gramian")}
     assert keys == ({("all", *k) for k in common | {("UPGrad", "rep"), ("UPGrad", "torchjd autogram")}}
                     | {("lora", *k) for k in common})
@@ -99,7 +100,7 @@ def test_torchjds_steps_make_the_update_ours_makes(benchmark, folder, group, one
 def test_target_labels(benchmark):
     base = {"T": 4, "group": "all", "shared_params": 1e6, "ms": 10.0, "x_ew": 2.0, "mem_mb": 5.0,
             "mem_x_floor": 1.0, "mem_x_ew": 3.0}
-    met = {**base, "method": "UPGrad", "mode": "param", "x_floor": 1.1, "x_torchjd": 0.7, "mem_x_torchjd": 0.5}
+    met = {**base, "method": "UPGrad", "mode": "param/batched", "x_floor": 1.1, "x_torchjd": 0.7, "mem_x_torchjd": 0.5}
     missed = {**met, "x_floor": 1.2, "x_torchjd": 0.9, "mem_x_torchjd": 0.8}
     rep = {**base, "method": "UPGrad", "mode": "rep", "x_floor": 0.5, "x_ew": 1.4, "x_torchjd": 0.3,
            "mem_x_torchjd": 0.9}

@@ -15,7 +15,8 @@ Two groups per T, each in a fresh process:
 - ``all`` — the whole transformer trainable, hard sharing (the pooled features feed every head). Configurations:
   ``EW`` (one backward); ``floor`` (T ``torch.autograd.grad`` calls on the shared parameters and their
   mean, :func:`gradient_methods.make_floor`); the method in param mode (the T × P Jacobian of all ~P
-  backbone parameters); the method in rep mode (the Jacobian w.r.t. the pooled features, one backward of
+  backbone parameters), with the engine's T backward passes as one vmapped backward (``param/batched``,
+  the default) and as a loop (``param/looped``); the method in rep mode (the Jacobian w.r.t. the pooled features, one backward of
   the weighted sum); TorchJD's MTL step with the same aggregator: ``torchjd autojac`` and
   ``torchjd autojac-gramian`` (``mtl_backward`` + ``jac_to_grad`` on the concatenated Jacobian / on summed
   per-parameter Gramians, as :func:`gradient_methods.make_torchjd_steps` times it) and ``torchjd autogram``
@@ -24,10 +25,10 @@ Two groups per T, each in a fresh process:
 - ``lora`` — the backbone frozen, :class:`~mtl_lightning.architectures.PerTaskLoRA` (r = 8, α = 16, on
   ``query`` and ``value``, a shared adapter): the shared parameters are the shared adapter only, each task
   has its own adapter and head (T backbone passes per step). Configurations: ``EW``, ``floor``, the
-  method in param mode, ``torchjd autojac`` and ``torchjd autojac-gramian`` (no shared representation
-  for ``mtl_backward``: ``autojac.backward`` of the T losses w.r.t. the shared adapter and each task's own
-  parameters, ``jac_to_grad`` on the shared adapter, each task-own parameter's Jacobian summed over tasks
-  into its ``.grad``; exact, every other row is zero). Rep mode and autogram do not apply: per-task
+  method in param mode (batched and looped), ``torchjd autojac`` and ``torchjd autojac-gramian`` (no
+  shared representation for ``mtl_backward``: ``autojac.backward`` of the T losses w.r.t. the shared
+  adapter and each task's own parameters, ``jac_to_grad`` on the shared adapter, each task-own
+  parameter's Jacobian summed over tasks into its ``.grad``; exact, every other row is zero). Rep mode and autogram do not apply: per-task
   adapters give no shared representation, and autogram needs the differentiated parameters to be the
   direct parameters of modules that are called, where a LoRA layer holds the shared and the per-task
   adapters side by side.
@@ -202,7 +203,8 @@ def run_group(folder: str, t: int, group: str, method: str, batch_size: int, seq
     configs: dict[tuple[str, str], Callable[[], None]] = {
         ("floor", "-"): make_floor(module, batch),
         ("EW", "-"): make_step(module, batch, EqualWeighting()),
-        (method, "param"): make_step(module, batch, cls(mode="param")),
+        (method, "param/batched"): make_step(module, batch, cls(mode="param", batched=True)),
+        (method, "param/looped"): make_step(module, batch, cls(mode="param", batched=False)),
     }
     if group == "all" and "rep" in cls.supported_modes:
         configs[(method, "rep")] = make_step(module, batch, cls(mode="rep"))
@@ -271,7 +273,7 @@ def target(row: dict[str, object]) -> str:
     if row["method"] in ("floor", "EW"):
         return ""
     checks = []
-    if mode == "param":
+    if mode.startswith("param"):
         checks.append(("≤1.15× floor", float(row["x_floor"]) <= 1.15))  # type: ignore[arg-type]
     else:
         checks.append(("≤1.3× EW", float(row["x_ew"]) <= 1.3))  # type: ignore[arg-type]
