@@ -256,6 +256,53 @@ def timed(step: Callable[[], None], inner: int, device: str) -> float:
     return (time.perf_counter() - start) / inner
 
 
+def interleave(configs: dict[Any, Callable[[], None]], target: Any, repeats: int, inner: int,
+               device: str) -> tuple[dict[Any, list[float]], dict[Any, list[float]], dict[Any, float]]:
+    """Time every configuration against the reference ``target``, round by round: in each round the
+    reference, then each other configuration followed by the reference again (every configuration
+    between two reference samples). Returns each configuration's per-round step times, each other
+    configuration's per-round bracketed ratios to the reference (:func:`bracketed_ratios`), and each
+    configuration's peak memory of one step (:func:`peak_memory`)."""
+    others = [k for k in configs if k != target]
+    times: dict[Any, list[float]] = {k: [] for k in configs}
+    before: dict[Any, list[float]] = {k: [] for k in others}
+    after: dict[Any, list[float]] = {k: [] for k in others}
+    for step in configs.values():  # warm-up
+        step()
+        step()
+    for _ in range(repeats):
+        # reference, c1, reference, c2, …, reference: every configuration between two reference samples.
+        last = timed(configs[target], inner, device)
+        times[target].append(last)
+        for k in others:
+            times[k].append(timed(configs[k], inner, device))
+            before[k].append(last)
+            last = timed(configs[target], inner, device)
+            after[k].append(last)
+            times[target].append(last)
+    memory = {k: peak_memory(step, device) for k, step in configs.items()}
+    rounds = {k: bracketed_ratios(times[k], before[k], after[k]) for k in others}
+    return times, rounds, memory
+
+
+def in_fresh_processes(jobs: list[tuple[Callable[..., list[dict[str, object]]], tuple[Any, ...]]],
+                       allocator: str) -> list[dict[str, object]]:
+    """The rows of every job ``(function, args)``, each run in a fresh spawned process (with glibc's
+    default allocator, a process that ran the param-mode steps leaves its heap in a state that slowed
+    every later step of the same process by up to 30%), started with the allocator settings of
+    ``allocator`` (see the module docstring)."""
+    if allocator not in ("retain", "system"):
+        raise ValueError(f"allocator must be 'retain' or 'system', got {allocator!r}.")
+    rows: list[dict[str, object]] = []
+    context = multiprocessing.get_context("spawn")
+    # Read by glibc when each spawned worker starts; the parent's environment is restored afterwards.
+    with mock.patch.dict(os.environ, RETAINING_MALLOC if allocator == "retain" else {}):
+        for function, args in jobs:
+            with context.Pool(1) as pool:
+                rows += pool.apply(function, args)
+    return rows
+
+
 def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads: int,
               torchjd: bool = False) -> list[dict[str, object]]:
     """The rows of one T and one group: ``"param"`` (EW, the floor, every param-mode method with both
@@ -283,25 +330,8 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
             configs[(name, "rep")] = make_step(module, batch, cls(mode="rep"))
     target = ("floor", "-") if group == "param" else reference
     others = [k for k in configs if k != target]
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
-    before: dict[tuple[str, str], list[float]] = {k: [] for k in others}
-    after: dict[tuple[str, str], list[float]] = {k: [] for k in others}
-    for step in configs.values():  # warm-up
-        step()
-        step()
-    for _ in range(repeats):
-        # reference, c1, reference, c2, …, reference: every configuration between two reference samples.
-        last = timed(configs[target], inner, device)
-        times[target].append(last)
-        for k in others:
-            times[k].append(timed(configs[k], inner, device))
-            before[k].append(last)
-            last = timed(configs[target], inner, device)
-            after[k].append(last)
-            times[target].append(last)
-    memory = {k: peak_memory(step, device) for k, step in configs.items()}
+    times, rounds, memory = interleave(configs, target, repeats, inner, device)
     medians = {k: statistics.median(v) for k, v in times.items()}
-    rounds = {k: bracketed_ratios(times[k], before[k], after[k]) for k in others}
     # Per method, TorchJD's faster step (by median × floor): the reference of our rows' "× TorchJD".
     torchjd_reference: dict[str, tuple[str, str]] = {}
     for key in others:
@@ -330,22 +360,13 @@ def run_group(t: int, group: str, repeats: int, device: str, inner: int, threads
 
 def run(tasks: list[int], repeats: int, device: str, inner: int = 3, threads: int = 2,
         allocator: str = "retain", torchjd: bool = False) -> list[dict[str, object]]:
-    """Every T and group in a fresh process (with glibc's default allocator, a process that ran the
-    param-mode steps leaves its heap in a state that slowed every later step of the same process by
-    up to 30%), started with the allocator settings of ``allocator`` (see the module docstring)."""
+    """Every T and group in a fresh process (:func:`in_fresh_processes`)."""
     if allocator not in ("retain", "system"):
         raise ValueError(f"allocator must be 'retain' or 'system', got {allocator!r}.")
     if torchjd:
         import_torchjd()  # a missing TorchJD is said here, not in a worker
-    rows = []
-    context = multiprocessing.get_context("spawn")
-    # Read by glibc when each spawned worker starts; the parent's environment is restored afterwards.
-    with mock.patch.dict(os.environ, RETAINING_MALLOC if allocator == "retain" else {}):
-        for t in tasks:
-            for group in ("param", "rep"):
-                with context.Pool(1) as pool:
-                    rows += pool.apply(run_group, (t, group, repeats, device, inner, threads, torchjd))
-    return rows
+    jobs = [(run_group, (t, group, repeats, device, inner, threads, torchjd)) for t in tasks for group in ("param", "rep")]
+    return in_fresh_processes(jobs, allocator)
 
 
 def table(rows: list[dict[str, object]]) -> str:
