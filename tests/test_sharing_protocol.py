@@ -340,3 +340,25 @@ def test_every_balancing_method_trains_every_kind_of_architecture(name, method):
     for task in module.task_names:  # every task's own parts and head trained
         assert {names[id(p)] for p in module.task_parameters(task)} <= moved
     assert {names[id(p)] for p in module.shared_parameters()} & moved
+
+
+@pytest.mark.parametrize("name,batched", [("per_task_lora", False), ("per_task_lora_frozen", False), ("mmoe", True),
+                                          ("hard_sharing", True)])
+def test_the_engine_loops_over_tasks_only_for_architectures_with_a_pass_per_task(name, batched, monkeypatch):
+    """A vmapped backward over an architecture that runs one forward pass per task (PerTaskLoRA) would
+    traverse every task's pass for every row; the gradient methods loop there, and batch elsewhere."""
+    module = build(name)
+    b = batch()
+    ctx = context(module, b)
+    method = UPGrad()
+    assert method.batched_for(ctx) is batched
+    calls: list[bool] = []
+    grad = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched", False)))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    quiet_trainer(max_steps=1, callbacks=[method], limit_val_batches=0).fit(module, loader(16, 16))
+    assert any(calls) is batched, calls

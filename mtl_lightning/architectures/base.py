@@ -53,6 +53,11 @@ class Architecture(nn.Module):
 
     #: Gradient-method modes the architecture supports (``"rep"`` needs a shared representation).
     supported_modes: ClassVar[tuple[str, ...]] = ("param",)
+    #: True where each task's features come from its own forward pass through the shared parameters
+    #: (per-task adapters over one backbone): the T per-task backward passes share no work, and one
+    #: vmapped backward of T rows would traverse all T passes for every row (T² work), so the gradient
+    #: engine loops over the tasks instead.
+    separate_task_passes: ClassVar[bool] = False
     out_features: Optional[int] = None
 
     def __init__(self) -> None:

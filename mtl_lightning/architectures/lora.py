@@ -132,6 +132,8 @@ class PerTaskLoRA(Architecture):
         True
     """
 
+    separate_task_passes = True  # T backbone passes, one per task
+
     def __init__(self, encoder: nn.Module, r: int = 8, alpha: float = 16.0,
                  target_modules: Sequence[str] = ("query", "value"), shared_adapter: bool = False,
                  train_backbone: bool = False, dropout: float = 0.0) -> None:

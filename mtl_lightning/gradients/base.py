@@ -55,7 +55,8 @@ class GradientBalancer(BalancingMethod):
         mode: ``"param"`` (Jacobian w.r.t. the shared parameters) or ``"rep"`` (w.r.t. the shared
             representation: one encoder backward, T head backwards; MGDA-UB's approximation).
         batched: Compute the T encoder backward passes of param mode as one vmapped backward
-            (``is_grads_batched``), falling back to a loop where autograd cannot batch.
+            (``is_grads_batched``), falling back to a loop where autograd cannot batch. Ignored (a loop)
+            for architectures with a forward pass per task (:meth:`batched_for`).
     """
 
     needs_all_tasks_per_step: ClassVar[bool] = True
@@ -153,7 +154,7 @@ class GradientBalancer(BalancingMethod):
         with ctx.no_sync():
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
             jacobian, unshared_grads = per_task_gradients(scaled, ctx.features, shared, unshared, self.mode,
-                                                          self.batched, head_inputs, sample_splits=splits)
+                                                          self.batched_for(ctx), head_inputs, sample_splits=splits)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
             self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared)
@@ -163,6 +164,12 @@ class GradientBalancer(BalancingMethod):
         return dict(zip(names, last.detach().float().unbind()))
 
     # -- helpers --------------------------------------------------------------------------------
+    def batched_for(self, ctx: BalancingContext) -> bool:
+        """Whether this step's per-task backward passes run as one vmapped backward: ``batched``, unless
+        the architecture runs a separate forward pass per task (``separate_task_passes``), where a
+        vmapped backward would traverse every task's pass for every row."""
+        return self.batched and not getattr(ctx.architecture, "separate_task_passes", False)
+
     def _splits_samples(self, ctx: BalancingContext) -> bool:
         """Whether this step's Jacobian comes as two sample halves (see :attr:`double_sampling`)."""
         if not self.double_sampling or self.mode != "param":

@@ -181,7 +181,7 @@ class MConFIG(GradientBalancer):
             losses = [loss * scale for loss in losses]
         shared, unshared = ctx.shared_parameters(), ctx.unshared_parameters()
         with ctx.no_sync():
-            rows, head_grads = self._chosen_gradients(losses, chosen, shared, unshared)
+            rows, head_grads = self._chosen_gradients(losses, chosen, shared, unshared, self.batched_for(ctx))
         # The momentum update is float32/float64 math: keep autocast out of it.
         with torch.autocast(losses[0].device.type, enabled=False):
             # Averaged over the micro-batches (all of the same task) and the ranks, then used once.
@@ -201,20 +201,20 @@ class MConFIG(GradientBalancer):
         return [(self.next_task + j) % num_tasks for j in range(self.tasks_per_step)]
 
     def _chosen_gradients(self, losses: list[Tensor], chosen: list[int], shared: list[nn.Parameter],
-                          unshared: list[nn.Parameter]) -> tuple[list[Tensor], list[Tensor]]:
+                          unshared: list[nn.Parameter], batched: bool) -> tuple[list[Tensor], list[Tensor]]:
         """The chosen tasks' gradients w.r.t. the shared parameters (blocks ``(k, *shape)``: one
         backward through them per chosen task, batched for k > 1) and the unshared parameters' gradients
         (``heads="all"``: Σ_t ∂L_t/∂θ, from a backward that stops at them)."""
         picked = [losses[i] for i in chosen]
         if self.heads == "chosen":
-            blocks = task_jacobian(picked, [*shared, *unshared], batched=self.batched, retain_graph=False)
+            blocks = task_jacobian(picked, [*shared, *unshared], batched=batched, retain_graph=False)
             return blocks[: len(shared)], [b.sum(0) for b in blocks[len(shared):]]
         head_grads: list[Tensor] = []
         if unshared:
             # Autograd runs only the nodes that lead to the parameters asked for: the heads, not the encoder.
             grads = torch.autograd.grad(sum(losses[1:], losses[0]), unshared, retain_graph=True, allow_unused=True)
             head_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, unshared)]
-        return task_jacobian(picked, shared, batched=self.batched, retain_graph=False), head_grads
+        return task_jacobian(picked, shared, batched=batched, retain_graph=False), head_grads
 
     def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
