@@ -25,7 +25,8 @@ Two groups per T, each in a fresh process:
 - ``lora`` — the backbone frozen, :class:`~mtl_lightning.architectures.PerTaskLoRA` (r = 8, α = 16, on
   ``query`` and ``value``, a shared adapter): the shared parameters are the shared adapter only, each task
   has its own adapter and head (T backbone passes per step). Configurations: ``EW``, ``floor``, the
-  method in param mode (batched and looped), ``torchjd autojac`` and ``torchjd autojac-gramian`` (no
+  method in param mode (``param/batched`` and ``param/looped``; since ``PerTaskLoRA`` declares
+  ``separate_task_passes`` the engine loops in both, so the two rows time the same path), ``torchjd autojac`` and ``torchjd autojac-gramian`` (no
   shared representation for ``mtl_backward``: ``autojac.backward`` of the T losses w.r.t. the shared
   adapter and each task's own parameters, ``jac_to_grad`` on the shared adapter, each task-own
   parameter's Jacobian summed over tasks into its ``.grad``; exact, every other row is zero). Rep mode and autogram do not apply: per-task

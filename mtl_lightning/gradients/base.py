@@ -157,7 +157,7 @@ class GradientBalancer(BalancingMethod):
                                                           self.batched_for(ctx), head_inputs, sample_splits=splits)
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
-            self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared)
+            self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared, splits > 1)
         last = self._last_weights
         if last is None:
             return {}
@@ -194,9 +194,11 @@ class GradientBalancer(BalancingMethod):
         return [h.sum(0) for h in halves], cross
 
     def _combine(self, ctx: BalancingContext, jacobian: list[Tensor], unshared_grads: list[Tensor], loss_vector: Tensor,
-                 scale: Optional[Tensor], shared: list[nn.Parameter], unshared: list[nn.Parameter]) -> None:
+                 scale: Optional[Tensor], shared: list[nn.Parameter], unshared: list[nn.Parameter],
+                 halves: bool = False) -> None:
         """Accumulate, all-reduce, aggregate and write ``.grad`` (see the module docstring);
-        ``unshared_grads`` are Σ_t ∂L_t/∂θ of the ``unshared`` parameters."""
+        ``unshared_grads`` are Σ_t ∂L_t/∂θ of the ``unshared`` parameters; ``halves``: the Jacobian comes
+        as two sample halves (:attr:`double_sampling`)."""
         if self.mode == "param":
             # J, head gradients and losses are averaged over micro-batches and ranks, then aggregated once.
             total = self._accumulate(ctx, [*jacobian, *unshared_grads, loss_vector.to(jacobian[0].dtype)])
@@ -205,7 +207,7 @@ class GradientBalancer(BalancingMethod):
             n = len(jacobian)
             jacobian, unshared_grads, loss_vector = total[:n], total[n:-1], total[-1].float()
             gramian: Optional[Tensor] = None
-            if jacobian[0].shape[0] != len(ctx.task_names):  # two sample halves (double sampling)
+            if halves:
                 jacobian, gramian = self._split_jacobian(jacobian, scale)
             elif self.uses_gramian:
                 gramian = self._gramian(jacobian, scale)

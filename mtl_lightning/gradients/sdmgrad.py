@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl_lightning.gradients.base import GradientBalancer
-from mtl_lightning.gradients.solvers import project_onto_simplex, warm_start
+from mtl_lightning.gradients.solvers import project_onto_simplex, project_onto_simplex_host, warm_start
 
 
 class SDMGrad(GradientBalancer):
@@ -102,15 +102,10 @@ def _projected_sgd(matrix: Tensor, pull: Tensor, w: Tensor, lr: float, momentum:
 
 def _projected_sgd_numpy(matrix: np.ndarray, pull: np.ndarray, w: np.ndarray, lr: float, momentum: float,
                          iterations: int) -> np.ndarray:
-    """:func:`_projected_sgd` on host arrays (float64), for CPU tensors; Π_Δ as :func:`project_onto_simplex`."""
-    ranks = np.arange(1, w.shape[0] + 1, dtype=w.dtype)
+    """:func:`_projected_sgd` on host arrays (float64), for CPU tensors."""
     velocity = np.zeros_like(w)
     for iteration in range(iterations):
         grad = matrix @ w + pull
         velocity = grad if iteration == 0 else momentum * velocity + grad
-        v = w - lr * velocity
-        u = -np.sort(-v)
-        thresholds = (np.cumsum(u) - 1) / ranks
-        rho = max(int((u > thresholds).sum()), 1) - 1
-        w = np.maximum(v - thresholds[rho], 0.0)
+        w = project_onto_simplex_host(w - lr * velocity)
     return w

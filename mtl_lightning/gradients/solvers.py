@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -438,3 +439,12 @@ def project_onto_simplex(v: Tensor) -> Tensor:
     thresholds = (u.cumsum(0) - 1) / torch.arange(1, v.shape[0] + 1, dtype=v.dtype, device=v.device)
     rho = (u > thresholds).sum().clamp_min(1) - 1  # u_1 > u_1 − 1: at least one
     return (v - thresholds[rho]).clamp_min(0)
+
+
+def project_onto_simplex_host(v: np.ndarray) -> np.ndarray:
+    """:func:`project_onto_simplex` on a host array: the same operations, for inner loops on the CPU
+    where each tiny torch op costs more than NumPy's."""
+    u = -np.sort(-v)
+    thresholds = (np.cumsum(u) - 1) / np.arange(1, v.shape[0] + 1, dtype=v.dtype)
+    rho = max(int((u > thresholds).sum()), 1) - 1
+    return np.maximum(v - thresholds[rho], 0.0)
