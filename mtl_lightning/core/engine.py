@@ -9,7 +9,8 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -246,22 +247,63 @@ def per_task_gradients(
             )
         blocks = task_jacobian(losses, [*shared, *unshared], batched=batched, retain_graph=False)
         return blocks[: len(shared)], [b.sum(0) for b in blocks[len(shared):]]
-    if head_inputs is not None and len(head_inputs) == len(losses):
-        rows, unshared_grads = _aliased_backward(losses, features, head_inputs, unshared)
-    else:
-        rows = []
-        summed: Optional[list[Optional[Tensor]]] = None
-        for loss in losses:
-            grads = torch.autograd.grad(loss, [features, *unshared], retain_graph=True, allow_unused=True)
-            rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
-            summed = _add(summed, grads[1:])
-        unshared_grads = _zeros_for_none(summed if summed is not None else [None] * len(unshared), unshared)
-    cotangents = torch.stack(rows)
+    cotangents, unshared_grads = _representation_rows(losses, features, unshared, head_inputs)
     if mode == "rep":
         return [cotangents], unshared_grads
     if sample_splits > 1:
         cotangents = split_by_sample(cotangents, sample_splits)
     return _batched_or_looped_vjp(features, shared, cotangents, batched), unshared_grads
+
+
+def _representation_rows(losses: list[Tensor], features: Tensor, unshared: list[Tensor],
+                         head_inputs: Optional[Sequence[Optional[Tensor]]]) -> tuple[Tensor, list[Tensor]]:
+    """The rows ∂L_t/∂z (T, *z.shape) and Σ_t ∂L_t/∂θ of the ``unshared`` parameters: one backward through
+    the tasks' aliases of z where the model gave them, else one small backward per task."""
+    if head_inputs is not None and len(head_inputs) == len(losses):
+        rows, unshared_grads = _aliased_backward(losses, features, head_inputs, unshared)
+        return torch.stack(rows), unshared_grads
+    rows = []
+    summed: Optional[list[Optional[Tensor]]] = None
+    for loss in losses:
+        grads = torch.autograd.grad(loss, [features, *unshared], retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(features) if grads[0] is None else grads[0])
+        summed = _add(summed, grads[1:])
+    return torch.stack(rows), _zeros_for_none(summed if summed is not None else [None] * len(unshared), unshared)
+
+
+def per_task_gramian(
+    losses: Sequence[Tensor],
+    features: Any,
+    shared: Sequence[Tensor],
+    unshared: Sequence[Tensor],
+    head_inputs: Optional[Sequence[Optional[Tensor]]] = None,
+) -> tuple[Tensor, list[Tensor], Callable[[Tensor], list[Tensor]]]:
+    """Param mode without the T×P Jacobian: its Gramian M = JJᵀ w.r.t. the ``shared`` parameters
+    (:func:`streamed_gramian`, float32), Σ_t ∂L_t/∂θ for the ``unshared`` ones (as
+    :func:`per_task_gradients`), and a function of weights w (T,) that returns Σ_t w_t ∂L_t/∂θ for each
+    shared parameter (one more backward, which frees the graph; call it once).
+
+    With a shared representation z the T rows ∂L_t/∂z are streamed through the encoder and the weighted
+    gradient is one backward of Σ_t w_t ∂L_t/∂z; with features by task, the stacked losses are.
+    """
+    losses, shared, unshared = list(losses), list(shared), list(unshared)
+    if isinstance(features, Tensor):
+        cotangents, unshared_grads = _representation_rows(losses, features, unshared, head_inputs)
+        matrix, _ = streamed_gramian(features, cotangents, shared)
+
+        def weighted_gradient(weights: Tensor) -> list[Tensor]:
+            return representation_backward(features, shared, combine(weights, [cotangents])[0])
+
+        return matrix, unshared_grads, weighted_gradient
+    stacked = torch.stack(losses)
+    matrix, rows = streamed_gramian(stacked, torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype),
+                                    shared, unshared)
+
+    def weighted_losses_gradient(weights: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(stacked, shared, grad_outputs=weights.to(stacked.dtype), allow_unused=True)
+        return _zeros_for_none(grads, shared)
+
+    return matrix, [r.sum(0) for r in rows], weighted_losses_gradient
 
 
 def split_by_sample(rows: Tensor, splits: int) -> Tensor:
@@ -309,3 +351,86 @@ def representation_backward(features: Tensor, shared: Sequence[Tensor], directio
     grads = torch.autograd.grad(features, list(shared), grad_outputs=direction.view_as(features).to(features.dtype),
                                 allow_unused=True)
     return _zeros_for_none(grads, shared)
+
+
+# -- the Gramian without the Jacobian -------------------------------------------------------------------
+class _GramianAccumulator:
+    """Σ over blocks of the T×T Gramian of ``(T, *shape)`` blocks, fed one block at a time: a long block
+    is multiplied at once and dropped, short ones are buffered into groups (as :func:`gramian` groups them)."""
+
+    def __init__(self) -> None:
+        self.total: Optional[Tensor] = None
+        self._short: list[Tensor] = []
+        self._width = 0
+
+    def add(self, block: Tensor) -> None:
+        flat = block.reshape(block.shape[0], -1)
+        if flat.shape[1] >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self._add(gramian([flat]))
+            return
+        if self._width + flat.shape[1] > _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self._flush()
+        self._short.append(flat)
+        self._width += flat.shape[1]
+
+    def result(self, count: int, device: torch.device) -> Tensor:
+        self._flush()
+        return torch.zeros(count, count, device=device) if self.total is None else self.total
+
+    def _flush(self) -> None:
+        if self._short:
+            self._add(gramian(self._short))
+            self._short, self._width = [], 0
+
+    def _add(self, part: Tensor) -> None:
+        self.total = part if self.total is None else self.total.add_(part)
+
+
+class _GramianSink(torch.autograd.Function):
+    """The identity on a parameter's gradient, except inside the vmapped backward of
+    :func:`streamed_gramian`: there its vmap rule sees the T rows at once, adds their Gramian to the
+    accumulator and hands autograd back zeros that take no memory (a 0-d tensor expanded)."""
+
+    @staticmethod
+    def forward(grad: Tensor, accumulator: _GramianAccumulator) -> Tensor:
+        return grad
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Optional[int], None], grad: Tensor,
+             accumulator: _GramianAccumulator) -> tuple[Tensor, Optional[int]]:
+        dim = in_dims[0]
+        rows = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
+        accumulator.add(rows)
+        return grad.new_zeros(()).expand(grad.shape), dim
+
+
+def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor],
+                     materialize: Sequence[Tensor] = (), retain_graph: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """M = JJᵀ (T×T, float32) of the rows J_t = ∂⟨cotangents[t], output⟩/∂θ over the tensors θ of ``inputs``,
+    without ever holding J: one backward vmapped over the T rows (``torch.func.vmap``), in which a hook on
+    each input adds the Gramian of its T rows as soon as autograd has computed them and drops them. At
+    most one input's ``(T, *shape)`` rows are alive at a time (TorchJD's autogram engine, Algorithm 3 of
+    Quinton & Rey, 2024, holds one module's; this needs no forward hooks and reuses the backward's own
+    parameter gradients). The rows w.r.t. ``materialize`` (e.g. heads) are returned as ``(T, *shape)``.
+    """
+    inputs, materialize = list(inputs), list(materialize)
+    accumulator = _GramianAccumulator()
+    handles = [x.register_hook(partial(_GramianSink.apply, accumulator=accumulator)) for x in inputs]
+
+    def rows_of(cotangent: Tensor) -> tuple[Optional[Tensor], ...]:
+        return torch.autograd.grad(output, [*inputs, *materialize], grad_outputs=cotangent,
+                                   retain_graph=retain_graph, allow_unused=True)
+
+    try:
+        grads = torch.func.vmap(rows_of)(cotangents)
+    finally:
+        for handle in handles:
+            handle.remove()
+    count = cotangents.shape[0]
+    kept = [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
+            for g, x in zip(grads[len(inputs):], materialize)]
+    return accumulator.result(count, cotangents.device), kept

@@ -22,6 +22,12 @@ Semantics shared by every method (see the README, "Gradient balancing methods"):
 * **fp16 loss scaling**: gradients are computed on S·L (no underflow); methods see M of the
   unscaled J/S; the final gradient is written back ×S, so ``unscale_`` and the inf/NaN skip of the
   optimizer step work unchanged.
+* **Gramian engine** (``engine="gramian"``, param mode, methods whose update is Jᵀw with w a function
+  of the Gramian and the losses): the T×P Jacobian is never held. One vmapped backward accumulates
+  M = JJᵀ parameter by parameter (:func:`~mtl_lightning.core.engine.per_task_gramian`), and one more
+  backward applies Σ_t w_t ∂L_t/∂θ. Peak memory is then about one parameter tensor's T rows instead
+  of T×P, for one extra backward. Aggregation follows rep mode: each micro-batch on its own, with the
+  Gramian averaged over DDP ranks (the Gramian of the ranks' Jacobians side by side, not of their mean).
 """
 
 from __future__ import annotations
@@ -33,9 +39,18 @@ import torch
 from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
-from mtl_lightning.core.engine import combine, cross_gramian, gramian, per_task_gradients, representation_backward
+from mtl_lightning.core.engine import (
+    combine,
+    cross_gramian,
+    gramian,
+    per_task_gradients,
+    per_task_gramian,
+    representation_backward,
+)
 
 MODES = ("param", "rep")
+#: How param mode obtains the Gramian: from the materialised T×P Jacobian, or streamed without it.
+ENGINES = ("jacobian", "gramian")
 
 #: The properties of its paper's update that a gradient method may promise (:attr:`GradientBalancer.promises`),
 #: each checked for every registered method by ``tests/test_method_properties.py``.
@@ -57,6 +72,11 @@ class GradientBalancer(BalancingMethod):
         batched: Compute the T encoder backward passes of param mode as one vmapped backward
             (``is_grads_batched``), falling back to a loop where autograd cannot batch. Ignored (a loop)
             for architectures with a forward pass per task (:meth:`batched_for`).
+        engine: ``"jacobian"`` (default): param mode holds the T×P Jacobian of the shared parameters, which
+            every method can use, aggregated once per optimizer step on the Jacobian averaged over
+            micro-batches and ranks. ``"gramian"``: param mode never holds it (see the module docstring):
+            for methods that weight the Gramian (:attr:`weights_from_gramian`), when T×P does not fit in
+            memory, at the cost of one more backward per step.
     """
 
     needs_all_tasks_per_step: ClassVar[bool] = True
@@ -78,15 +98,24 @@ class GradientBalancer(BalancingMethod):
     #: representation (features by task) the halves cannot be told apart after the forward: A = JJᵀ.
     double_sampling: ClassVar[bool] = False
 
-    def __init__(self, mode: Optional[str] = None, batched: bool = True) -> None:
+    def __init__(self, mode: Optional[str] = None, batched: bool = True, engine: str = "jacobian") -> None:
         super().__init__()
         mode = self.supported_modes[0] if mode is None else mode
         if mode not in self.supported_modes:
             raise ValueError(
                 f"{self.name}: mode={mode!r} is not supported; choose one of {list(self.supported_modes)}."
             )
+        if engine not in ENGINES:
+            raise ValueError(f"{self.name}: engine={engine!r} is not one of {list(ENGINES)}.")
+        if engine == "gramian" and mode != "param":
+            raise ValueError(f"{self.name}: engine='gramian' is for param mode; rep mode's Jacobian is w.r.t. the "
+                             "shared representation and never holds the T×P parameter Jacobian.")
+        if engine == "gramian" and not batched:
+            raise ValueError(f"{self.name}: engine='gramian' streams the Gramian out of one vmapped backward; it "
+                             "needs batched=True (or use engine='jacobian').")
         self.mode = mode
         self.batched = bool(batched)
+        self.engine = engine
         self._buffer: Optional[list[Tensor]] = None
         self._last_weights: Optional[Tensor] = None
         #: The last step's solution of an iterative solver (MGDA, CAGrad, UPGrad, FairGrad), from which
@@ -97,6 +126,7 @@ class GradientBalancer(BalancingMethod):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         arch = pl_module.architecture
+        self._check_engine(arch)
         if self.mode not in arch.supported_modes:
             raise ValueError(
                 f"{self.name}: mode={self.mode!r} needs a shared representation, which {type(arch).__name__} does not "
@@ -121,6 +151,12 @@ class GradientBalancer(BalancingMethod):
         (rank-averaged) task losses. The update is Σ_t w_t g_t."""
         raise NotImplementedError
 
+    def step_weights(self, gramian: Tensor, losses: Tensor, ctx: BalancingContext) -> Tensor:
+        """This step's weights; :meth:`weights` by default. A method that also needs the step's context
+        (micro-batch position, e.g. to smooth weights over steps) overrides this rather than
+        :meth:`aggregate`, and keeps the Gramian engine."""
+        return self.weights(gramian, losses)
+
     def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
                   ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
         """The direction and the effective weight of each task.
@@ -128,11 +164,17 @@ class GradientBalancer(BalancingMethod):
         ``jacobian`` is a list of blocks ``(T, *shape)`` (one per shared parameter in param mode, the
         representation in rep mode), ×``scale`` under fp16 loss scaling; the direction is one tensor
         of ``shape`` per block, in the same (scaled) space. The blocks belong to this step and may be
-        modified in place. Default: d = Jᵀw with w = :meth:`weights`.
+        modified in place. Default: d = Jᵀw with w = :meth:`step_weights`.
         """
         # None only where the method sets uses_gramian = False: its weights() does not read the Gramian
-        w = self.weights(cast(Tensor, gramian), losses)
+        w = self.step_weights(cast(Tensor, gramian), losses, ctx)
         return combine(w, jacobian), w
+
+    @property
+    def weights_from_gramian(self) -> bool:
+        """Whether the update is Jᵀw with w a function of the Gramian and the losses only (not of J
+        itself, nor of two sample halves): what ``engine="gramian"`` needs."""
+        return type(self).aggregate is GradientBalancer.aggregate and self.uses_gramian and not self.double_sampling
 
     # -- the contract ---------------------------------------------------------------------------
     def backward(self, ctx: BalancingContext) -> dict[str, Tensor]:
@@ -150,6 +192,9 @@ class GradientBalancer(BalancingMethod):
         scaled = [l * scale for l in losses] if scale is not None else losses
         shared = ctx.shared_parameters()
         unshared = ctx.unshared_parameters()
+        if self.engine == "gramian":
+            self._gramian_engine_step(ctx, scaled, loss_vector, scale, shared, unshared)
+            return self._weights_by_task(names)
         splits = 2 if self._splits_samples(ctx) else 1
         with ctx.no_sync():
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
@@ -158,12 +203,69 @@ class GradientBalancer(BalancingMethod):
         # The aggregation is float32/float64 math: keep autocast (fp16 matmuls overflow) out of it.
         with torch.autocast(loss_vector.device.type, enabled=False):
             self._combine(ctx, jacobian, unshared_grads, loss_vector, scale, shared, unshared, splits > 1)
+        return self._weights_by_task(names)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _weights_by_task(self, names: list[str]) -> dict[str, Tensor]:
         last = self._last_weights
         if last is None:
             return {}
         return dict(zip(names, last.detach().float().unbind()))
 
-    # -- helpers --------------------------------------------------------------------------------
+    def _check_engine(self, architecture: Any) -> None:
+        """A clear error where ``engine="gramian"`` cannot run: a method that reads J itself, or an
+        architecture whose per-task passes must not be vmapped."""
+        if self.engine != "gramian":
+            return
+        if not self.weights_from_gramian:
+            raise ValueError(
+                f"{self.name} computes its update from the Jacobian itself (or from two sample halves), not from "
+                "the Gramian alone, so it cannot run with engine='gramian'; use engine='jacobian'."
+            )
+        if getattr(architecture, "separate_task_passes", False):
+            raise ValueError(
+                f"{self.name}: engine='gramian' runs one vmapped backward, and {type(architecture).__name__} makes a "
+                "forward pass per task (a vmapped backward would traverse all of them for every task). Its "
+                "shared parameters are few (adapters): use engine='jacobian'."
+            )
+
+    def _gramian_engine_step(self, ctx: BalancingContext, scaled: list[Tensor], loss_vector: Tensor,
+                             scale: Optional[Tensor], shared: list[nn.Parameter], unshared: list[nn.Parameter]) -> None:
+        """Param mode without the Jacobian (``engine="gramian"``): the streamed Gramian, the weights, one
+        backward of Σ_t w_t L_t into the shared parameters; aggregated per micro-batch like rep mode."""
+        self._check_engine(ctx.architecture)
+        names = list(ctx.task_names)
+        with ctx.no_sync():
+            head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
+            streamed, unshared_grads, weighted_gradient = per_task_gramian(scaled, ctx.features, shared, unshared,
+                                                                           head_inputs)
+        with torch.autocast(loss_vector.device.type, enabled=False):
+            matrix = streamed.double()
+            if scale is not None:
+                matrix = matrix / scale.double() ** 2
+            matrix, loss_vector = self._global_gramian(ctx, matrix, loss_vector)
+            self._last_weights = self.step_weights(matrix, loss_vector, ctx)
+            shared_grads = weighted_gradient(self._last_weights)
+        self._apply_per_microbatch(ctx, shared, unshared, shared_grads, unshared_grads)
+
+    @staticmethod
+    def _global_gramian(ctx: BalancingContext, matrix: Tensor, loss_vector: Tensor) -> tuple[Tensor, Tensor]:
+        """The Gramian of the ranks' Jacobians side by side (the mean of their Gramians: one all-reduce,
+        with the losses) and the rank-averaged losses; unchanged on one process."""
+        if ctx.world_size <= 1:
+            return matrix, loss_vector
+        t = matrix.shape[0]
+        summary = ctx.reduce_mean(torch.cat([matrix.reshape(-1), loss_vector.double()]))
+        return summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+
+    def _apply_per_microbatch(self, ctx: BalancingContext, shared: list[nn.Parameter], unshared: list[nn.Parameter],
+                              shared_grads: list[Tensor], unshared_grads: list[Tensor]) -> None:
+        """Accumulate this micro-batch's gradients (rep mode, Gramian engine) and write their mean over
+        micro-batches and ranks at the step's last one."""
+        total = self._accumulate(ctx, [*shared_grads, *unshared_grads])
+        if total is not None:
+            self._write(shared, total[: len(shared)])
+            self._write(unshared, total[len(shared):])
     def batched_for(self, ctx: BalancingContext) -> bool:
         """Whether this step's per-task backward passes run as one vmapped backward: ``batched``, unless
         the architecture runs a separate forward pass per task (``separate_task_passes``), where a
@@ -215,21 +317,15 @@ class GradientBalancer(BalancingMethod):
             self._write(shared, direction)
             self._write(unshared, unshared_grads)
             return
-        t = len(ctx.task_names)
         gramian = self._gramian(jacobian, scale) if self.uses_gramian else None
-        if ctx.world_size > 1:
-            if gramian is None:
+        if gramian is None:
+            if ctx.world_size > 1:
                 loss_vector = ctx.reduce_mean(loss_vector)
-            else:
-                # One all-reduce for the global Gramian (rows of the global J are the rank blocks / W).
-                summary = ctx.reduce_mean(torch.cat([gramian.reshape(-1), loss_vector.double()]))
-                gramian, loss_vector = summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        else:
+            gramian, loss_vector = self._global_gramian(ctx, gramian, loss_vector)
         direction, self._last_weights = self.aggregate(jacobian, gramian, loss_vector, scale, ctx)
         shared_grads = representation_backward(ctx.features, shared, direction[0])
-        total = self._accumulate(ctx, [*shared_grads, *unshared_grads])
-        if total is not None:
-            self._write(shared, total[: len(shared)])
-            self._write(unshared, total[len(shared):])
+        self._apply_per_microbatch(ctx, shared, unshared, shared_grads, unshared_grads)
 
     def _accumulate(self, ctx: BalancingContext, tensors: list[Tensor]) -> Optional[list[Tensor]]:
         """Sum ``tensors`` over the micro-batches of a step; at its last one return their mean over

@@ -35,8 +35,9 @@ class CAGrad(GradientBalancer):
     """
 
     def __init__(self, c: float = 0.4, rescale: bool = True, iterations: Optional[int] = None, mode: Optional[str] = None,
-                 batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if c < 0:
             raise ValueError(f"CAGrad: c must be >= 0, got {c}.")
         self.c = c

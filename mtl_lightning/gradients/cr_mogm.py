@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from mtl_lightning.balancing.base import BalancingContext
-from mtl_lightning.core.engine import combine
 from mtl_lightning.gradients.base import GradientBalancer
 from mtl_lightning.gradients.mgda import MGDA
 from mtl_lightning.gradients.solvers import all_finite
@@ -65,6 +64,7 @@ class CRMOGM(GradientBalancer):
         mode: the mode of the default MGDA (``"rep"``: CR-MGDA-UB); with a ``method``, None or that
             method's own (CRMOGM always runs in its method's mode).
         batched: likewise, the default MGDA's ``batched`` (see :class:`GradientBalancer`).
+        engine: likewise, the default MGDA's ``engine`` (see :class:`GradientBalancer`).
 
     Examples:
         MGDA's weights on two successive steps' gradients, and their average (α = 0.5): the first
@@ -95,19 +95,21 @@ class CRMOGM(GradientBalancer):
     promises = MGDA.promises & KEPT_PROPERTIES
 
     def __init__(self, method: Optional[GradientBalancer] = None, alpha: float = 0.9, schedule: str = "constant",
-                 mode: Optional[str] = None, batched: Optional[bool] = None) -> None:
+                 mode: Optional[str] = None, batched: Optional[bool] = None, engine: Optional[str] = None) -> None:
         if method is None:
-            method = MGDA(mode=mode, batched=True if batched is None else batched)
+            method = MGDA(mode=mode, batched=True if batched is None else batched,
+                          engine="jacobian" if engine is None else engine)
         elif not isinstance(method, GradientBalancer):
             raise ValueError(f"CRMOGM wraps a gradient weighting (a GradientBalancer such as MGDA), got "
                              f"{type(method).__name__}.")
         else:
-            for option, value, own in (("mode", mode, method.mode), ("batched", batched, method.batched)):
+            for option, value, own in (("mode", mode, method.mode), ("batched", batched, method.batched),
+                                       ("engine", engine, method.engine)):
                 if value is not None and value != own:
                     raise ValueError(f"CRMOGM runs as the method it wraps: {option}={value!r}, but {method.name} has "
                                      f"{option}={own!r}. Set it on {method.name}.")
         _check_is_weighting(method)
-        super().__init__(method.mode, method.batched)
+        super().__init__(method.mode, method.batched, method.engine)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"CRMOGM: alpha must be in [0, 1], got {alpha}.")
         if schedule not in SCHEDULES:
@@ -156,13 +158,13 @@ class CRMOGM(GradientBalancer):
         """λ_k of one optimizer step (the wrapped method's weights, averaged)."""
         return self._smooth(self.method.weights(gramian, losses), last=True, count=1)
 
-    def aggregate(self, jacobian: list[Tensor], gramian: Optional[Tensor], losses: Tensor, scale: Optional[Tensor],
-                  ctx: BalancingContext) -> tuple[list[Tensor], Tensor]:
-        raw = self.method.weights(cast(Tensor, gramian), losses)
-        # Param mode aggregates once per optimizer step; rep mode once per micro-batch.
-        count = 1 if self.mode == "param" else int(getattr(ctx, "accumulate_grad_batches", 1))
-        w = self._smooth(raw, last=bool(getattr(ctx, "is_last_microbatch", True)), count=count)
-        return combine(w, jacobian), w
+    def step_weights(self, gramian: Tensor, losses: Tensor, ctx: BalancingContext) -> Tensor:
+        raw = self.method.weights(gramian, losses)
+        # The Jacobian engine's param mode aggregates once per optimizer step; rep mode and the Gramian
+        # engine once per micro-batch.
+        per_microbatch = self.mode == "rep" or self.engine == "gramian"
+        count = int(getattr(ctx, "accumulate_grad_batches", 1)) if per_microbatch else 1
+        return self._smooth(raw, last=bool(getattr(ctx, "is_last_microbatch", True)), count=count)
 
     def _smooth(self, raw: Tensor, last: bool, count: int) -> Tensor:
         """α λ_{k−1} + (1 − α) λ̂ for one micro-batch; λ_k is committed at the step's last one (λ̂
@@ -206,6 +208,10 @@ def _check_is_weighting(method: GradientBalancer) -> None:
         raise ValueError(
             f"CRMOGM averages the weights of a weighting, and {method.name} is not one: it aggregates the Jacobian "
             "itself (it overrides aggregate). Wrap a weighting (MGDA, PCGrad, UPGrad…).")
+    if cls.step_weights is not GradientBalancer.step_weights:
+        raise ValueError(
+            f"CRMOGM averages the weights of a weighting, and {method.name} is not one: its weights depend on the "
+            "step's context (it overrides step_weights). Wrap a weighting (MGDA, PCGrad, UPGrad…).")
     if cls.weights is GradientBalancer.weights:
         raise ValueError(f"CRMOGM averages the weights of a weighting, and {method.name} defines no weights.")
 

@@ -38,8 +38,9 @@ class FairGrad(GradientBalancer):
     """
 
     def __init__(self, alpha: float = 2.0, iterations: int = 30, max_norm: float = 0.0, mode: Optional[str] = None,
-                 batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if alpha <= 0:
             raise ValueError(f"FairGrad: alpha must be > 0, got {alpha}.")
         if max_norm < 0:

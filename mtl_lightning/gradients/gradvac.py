@@ -47,8 +47,9 @@ class GradVac(GradientBalancer):
     # Each task draws its own random partner order: equivariant only in distribution.
     promises = GradientBalancer.promises - {"permutation_equivariant"}
 
-    def __init__(self, beta: float = 0.5, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+    def __init__(self, beta: float = 0.5, seed: int = 0, mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"GradVac: beta must be in [0, 1], got {beta}.")
         self.beta = beta

@@ -48,8 +48,9 @@ class MGDA(GradientBalancer):
     promises = GradientBalancer.promises | {"non_conflicting"}  # g_t·d ≥ ‖d‖² (the min-norm point of the hull)
 
     def __init__(self, normalization: str = "none", iterations: Optional[int] = None, mode: Optional[str] = None,
-                 batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"MGDA: normalization={normalization!r}; choose one of {list(NORMALIZATIONS)}.")
         if iterations is not None and iterations < 1:

@@ -63,8 +63,9 @@ class NashMTL(GradientBalancer):
     promises = GradientBalancer.promises | {"non_conflicting", "task_scale_invariant_direction"}
 
     def __init__(self, max_norm: float = 1.0, iterations: int = 20, update_every: int = 1,
-                 mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if max_norm < 0:
             raise ValueError(f"NashMTL: max_norm must be >= 0, got {max_norm}.")
         if update_every < 1:

@@ -36,8 +36,9 @@ class PCGrad(GradientBalancer):
     # Each task draws its own random partner order: equivariant only in distribution.
     promises = GradientBalancer.promises - {"permutation_equivariant"}
 
-    def __init__(self, seed: int = 0, mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+    def __init__(self, seed: int = 0, mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         self.generator = Generator(seed)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:

@@ -50,8 +50,9 @@ class SDMGrad(GradientBalancer):
     """
 
     def __init__(self, lamda: float = 0.3, iterations: int = 20, lr: float = 10.0, momentum: float = 0.5,
-                 mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if lamda < 0:
             raise ValueError(f"SDMGrad: lamda must be >= 0, got {lamda}.")
         if iterations < 1 or lr <= 0 or not 0 <= momentum < 1:

@@ -57,8 +57,9 @@ class TorchJDWeighting(GradientBalancer):
     registered = False
 
     def __init__(self, weighting: Union[str, Any], options: Optional[dict[str, Any]] = None, stat: str = "gramian",
-                 mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if stat not in STATS:
             raise ValueError(f"TorchJDWeighting: stat={stat!r}; choose one of {list(STATS)}.")
         if isinstance(weighting, str):
@@ -72,6 +73,10 @@ class TorchJDWeighting(GradientBalancer):
         self.weighting = weighting
         self.stat = stat
         self.uses_gramian = stat == "gramian"
+
+    @property
+    def weights_from_gramian(self) -> bool:
+        return self.stat == "gramian"
 
     @property
     def scale_exponent(self) -> Optional[float]:

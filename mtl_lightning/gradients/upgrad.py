@@ -39,8 +39,9 @@ class UPGrad(GradientBalancer):
     promises = GradientBalancer.promises | {"non_conflicting"}
 
     def __init__(self, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: Optional[int] = None,
-                 mode: Optional[str] = None, batched: bool = True) -> None:
-        super().__init__(mode, batched)
+                 mode: Optional[str] = None, batched: bool = True,
+                 engine: str = "jacobian") -> None:
+        super().__init__(mode, batched, engine)
         if norm_eps < 0 or reg_eps < 0:
             raise ValueError(f"UPGrad: norm_eps and reg_eps must be >= 0, got {norm_eps}, {reg_eps}.")
         self.norm_eps = norm_eps
