@@ -42,11 +42,11 @@ def test_the_tiny_preset_gives_every_configuration_row(benchmark, folder, one_th
             for row in benchmark.run_group(folder, 2, group, "UPGrad", batch_size=2, seq_len=8, repeats=1,
                                            device="cpu", inner=1, threads=1)]
     keys = {(r["group"], r["method"], r["mode"]) for r in rows}
-    common = {("floor", "-"), ("EW", "-"), ("UPGrad", "param/batched"), ("UPGrad", "param/looped"),
-              ("UPGrad", "torchjd autojac"),
+    common = {("floor", "-"), ("EW", "-"), ("UPGrad", "param/looped"), ("UPGrad", "torchjd autojac"),
               ("UPGrad", "torchjd autojac-gramian")}
-    assert keys == ({("all", *k) for k in common | {("UPGrad", "rep"), ("UPGrad", "torchjd autogram")}}
-                    | {("lora", *k) for k in common})
+    full = {("UPGrad", "param/batched"), ("UPGrad", "param/gramian"), ("UPGrad", "rep"),
+            ("UPGrad", "torchjd autogram")}
+    assert keys == {("all", *k) for k in common | full} | {("lora", *k) for k in common}
     for r in rows:
         for column in ("ms", "x_floor", "x_ew", "mem_mb", "mem_x_floor", "mem_x_ew"):
             assert math.isfinite(r[column]) and r[column] >= 0, (r["group"], r["mode"], column)
@@ -81,10 +81,13 @@ def test_torchjds_steps_make_the_update_ours_makes(benchmark, folder, group, one
     if group == "all":
         steps = benchmark.make_torchjd_steps(module, batch, "UPGrad", equivalent)
         steps["autogram"] = benchmark.make_autogram_step(module, batch, equivalent(ours_cls(mode="param"), 2))
+        # our Gramian engine too (its word-embedding part from the lookups), the heads included
+        gramian_engine = ours_cls(mode="param", engine="gramian")
+        steps["ours, engine=gramian"] = benchmark.make_step(module, batch, gramian_engine)
     else:
         steps = benchmark.make_torchjd_backward_steps(module, batch, equivalent(ours_cls(mode="param"), 2),
                                                       equivalent(ours_cls(mode="param"), 2))
-    assert len(steps) == (3 if group == "all" else 2)
+    assert len(steps) == (4 if group == "all" else 2)
     ids = {id(p) for p in module.shared_parameters()}
     shared = {n for n, p in module.named_parameters() if id(p) in ids}
     for mode, step in steps.items():
@@ -94,7 +97,10 @@ def test_torchjds_steps_make_the_update_ours_makes(benchmark, folder, group, one
             if not p.requires_grad or (mode == "autogram" and name not in shared):
                 continue  # autogram's heads get wᵢ·∇ (losses.backward(weights)), not their own gradient
             torch.testing.assert_close(p.detach(), expected[name], rtol=1e-4, atol=1e-6, msg=f"{mode}: {name}")
-    assert not any(m._forward_hooks for m in module.modules()), "the autogram engine left hooks behind"
+    if group == "all":
+        assert any(m._forward_hooks for m in module.modules()), "the Gramian engine records no embedding lookup"
+        gramian_engine.teardown(module.trainer, module, "fit")  # removes its lookup hooks
+    assert not any(m._forward_hooks for m in module.modules()), "an engine left hooks behind"
 
 
 def test_target_labels(benchmark):

@@ -153,3 +153,66 @@ def test_gramian_groups_runs_of_short_blocks_without_changing_the_result(tasks):
 def test_gramian_needs_a_block():
     with pytest.raises(ValueError, match="at least one"):
         gramian([])
+
+
+# -- the Gramian engine's embedding tables ----------------------------------------------------------------
+class _Tokens(torch.nn.Module):
+    """Two lookups of one table (one with a padding index), a position table, a linear map to T outputs;
+    ``foreign`` also reads the table's weight outside its lookups."""
+
+    def __init__(self, tasks: int, foreign: bool = False) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(40, 5, padding_idx=0)
+        self.positions = torch.nn.Embedding(6, 5)
+        self.out = torch.nn.Linear(5, tasks)
+        self.foreign = foreign
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.words(ids) + self.positions(torch.arange(ids.shape[1])) + 0.5 * self.words(ids.flip(1))
+        y = self.out(torch.tanh(h).mean(1)).pow(2).mean(0)
+        return y + 0.1 * self.words.weight[:3].sum() if self.foreign else y
+
+
+def _token_ids() -> torch.Tensor:
+    ids = torch.randint(1, 40, (4, 6), generator=torch.Generator().manual_seed(0))
+    ids[0, :2] = 0  # padding
+    return ids
+
+
+def _reference_gramian(losses: torch.Tensor, params: list) -> torch.Tensor:
+    return gramian(task_jacobian(list(losses), params))
+
+
+@pytest.mark.parametrize("foreign", [False, True])
+def test_streamed_gramian_takes_embedding_tables_from_their_lookups(foreign, monkeypatch):
+    from mtl_lightning.core import engine
+
+    torch.manual_seed(0)
+    model = _Tokens(3, foreign)
+    params = list(model.parameters())
+    lookups = engine.EmbeddingLookups(model, params)
+    assert set(lookups.tables) == {model.words, model.positions}
+    model(_token_ids())  # a stale forward: its lookups are not in the graph below
+    losses = model(_token_ids())
+    streamed_rows: list[tuple[int, ...]] = []
+    add_batched = engine._GramianAccumulator.add_batched
+    monkeypatch.setattr(engine._GramianAccumulator, "add_batched",
+                        lambda self, t, dim: (streamed_rows.append(tuple(t.movedim(dim, 0).shape)),
+                                              add_batched(self, t, dim))[1])
+    matrix, _ = engine.streamed_gramian(losses, torch.eye(3), params, lookups=lookups.take())
+    torch.testing.assert_close(matrix, _reference_gramian(losses, params), rtol=1e-5, atol=1e-7)
+    # A table read only through its lookups is never differentiated; one read elsewhere too is.
+    assert ((3, 40, 5) in streamed_rows) == foreign
+    assert (3, 6, 5) not in streamed_rows
+    lookups.remove()
+    assert not model.words._forward_hooks and lookups.take() == []
+
+
+def test_embedding_lookups_skip_tied_and_frozen_tables():
+    from mtl_lightning.core.engine import EmbeddingLookups
+
+    model = _Tokens(2)
+    model.tied = torch.nn.Linear(5, 40, bias=False)
+    model.tied.weight = model.words.weight  # one parameter, two modules
+    assert EmbeddingLookups(model, list(model.parameters())).tables == [model.positions]
+    assert EmbeddingLookups(model, [model.out.weight]).tables == []  # not among the differentiated

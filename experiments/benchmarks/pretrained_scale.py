@@ -16,8 +16,10 @@ Two groups per T, each in a fresh process:
   ``EW`` (one backward); ``floor`` (T ``torch.autograd.grad`` calls on the shared parameters and their
   mean, :func:`gradient_methods.make_floor`); the method in param mode (the T × P Jacobian of all ~P
   backbone parameters), with the engine's T backward passes as one vmapped backward (``param/batched``,
-  the default) and as a loop (``param/looped``); the method in rep mode (the Jacobian w.r.t. the pooled features, one backward of
-  the weighted sum); TorchJD's MTL step with the same aggregator: ``torchjd autojac`` and
+  the default) and as a loop (``param/looped``), and with the Gramian engine (``param/gramian``:
+  ``engine="gramian"``, the Gramian streamed out of one vmapped backward without the Jacobian, the
+  embedding tables' part from their lookups, then one backward of the weighted rows); the method in rep
+  mode (the Jacobian w.r.t. the pooled features, one backward of the weighted sum); TorchJD's MTL step with the same aggregator: ``torchjd autojac`` and
   ``torchjd autojac-gramian`` (``mtl_backward`` + ``jac_to_grad`` on the concatenated Jacobian / on summed
   per-parameter Gramians, as :func:`gradient_methods.make_torchjd_steps` times it) and ``torchjd autogram``
   (``torchjd.autogram.Engine`` on the encoder with ``batch_dim=None``: the T×T Gramian of the T mean losses
@@ -25,8 +27,9 @@ Two groups per T, each in a fresh process:
 - ``lora`` — the backbone frozen, :class:`~mtl_lightning.architectures.PerTaskLoRA` (r = 8, α = 16, on
   ``query`` and ``value``, a shared adapter): the shared parameters are the shared adapter only, each task
   has its own adapter and head (T backbone passes per step). Configurations: ``EW``, ``floor``, the
-  method in param mode (``param/batched`` and ``param/looped``; since ``PerTaskLoRA`` declares
-  ``separate_task_passes`` the engine loops in both, so the two rows time the same path), ``torchjd autojac`` and ``torchjd autojac-gramian`` (no
+  method in param mode (``param/looped``: ``PerTaskLoRA`` declares ``separate_task_passes``, so the
+  engine loops whether ``batched`` or not; the Gramian engine refuses it), ``torchjd autojac`` and
+  ``torchjd autojac-gramian`` (no
   shared representation for ``mtl_backward``: ``autojac.backward`` of the T losses w.r.t. the shared
   adapter and each task's own parameters, ``jac_to_grad`` on the shared adapter, each task-own
   parameter's Jacobian summed over tasks into its ``.grad``; exact, every other row is zero). Rep mode and autogram do not apply: per-task
@@ -39,8 +42,9 @@ round by round between two samples of the group's floor (:func:`gradient_methods
 untimed step then ``--inner`` timed steps per sample; "× floor" is the median over rounds of the bracketed
 ratio, "× EW" and "× TorchJD" the median over rounds of the ratio of two configurations' bracketed ratios
 (:func:`gradient_methods.paired_ratio`; the drift of the machine cancels); peak memory is one step's
-(:func:`gradient_methods.peak_memory`: CPU, the profiler's peak of cumulative allocations above the level
-before the step; CUDA, ``max_memory_allocated`` above it). "TorchJD best" is TorchJD's fastest engine of
+(:func:`gradient_methods.peak_memory`: CPU, the peak resident size of the process over the step above
+the size before it, large allocations served by their own ``mmap``; CUDA, ``max_memory_allocated``
+above the level before it). "TorchJD best" is TorchJD's fastest engine of
 the group (by median × floor); the memory ratio is to TorchJD's smallest peak.
 
 Targets (issue 20), in the ``target`` column of the method's param-mode rows: ≤ 1.15× the floor on the
@@ -204,9 +208,13 @@ def run_group(folder: str, t: int, group: str, method: str, batch_size: int, seq
     configs: dict[tuple[str, str], Callable[[], None]] = {
         ("floor", "-"): make_floor(module, batch),
         ("EW", "-"): make_step(module, batch, EqualWeighting()),
-        (method, "param/batched"): make_step(module, batch, cls(mode="param", batched=True)),
-        (method, "param/looped"): make_step(module, batch, cls(mode="param", batched=False)),
     }
+    if group == "all":
+        configs[(method, "param/batched")] = make_step(module, batch, cls(mode="param", batched=True))
+    # Per-task LoRA makes the engine loop (separate_task_passes), batched or not: one row.
+    configs[(method, "param/looped")] = make_step(module, batch, cls(mode="param", batched=False))
+    if group == "all" and cls(mode="param").weights_from_gramian:
+        configs[(method, "param/gramian")] = make_step(module, batch, cls(mode="param", engine="gramian"))
     if group == "all" and "rep" in cls.supported_modes:
         configs[(method, "rep")] = make_step(module, batch, cls(mode="rep"))
     if equivalent is not None:

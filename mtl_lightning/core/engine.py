@@ -9,11 +9,15 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 _BATCHING_FAILURES: set[str] = set()
 
@@ -277,6 +281,7 @@ def per_task_gramian(
     shared: Sequence[Tensor],
     unshared: Sequence[Tensor],
     head_inputs: Optional[Sequence[Optional[Tensor]]] = None,
+    lookups: Sequence[_Lookup] = (),
 ) -> tuple[Tensor, list[Tensor], Callable[[Tensor], list[Tensor]]]:
     """Param mode without the T×P Jacobian: its Gramian M = JJᵀ w.r.t. the ``shared`` parameters
     (:func:`streamed_gramian`, float32), Σ_t ∂L_t/∂θ for the ``unshared`` ones (as
@@ -285,11 +290,12 @@ def per_task_gramian(
 
     With a shared representation z the T rows ∂L_t/∂z are streamed through the encoder and the weighted
     gradient is one backward of Σ_t w_t ∂L_t/∂z; with features by task, the stacked losses are.
+    ``lookups``: the embedding lookups of this forward pass (:class:`EmbeddingLookups`).
     """
     losses, shared, unshared = list(losses), list(shared), list(unshared)
     if isinstance(features, Tensor):
         cotangents, unshared_grads = _representation_rows(losses, features, unshared, head_inputs)
-        matrix, _ = streamed_gramian(features, cotangents, shared)
+        matrix, _ = streamed_gramian(features, cotangents, shared, lookups=lookups)
 
         def weighted_gradient(weights: Tensor) -> list[Tensor]:
             return representation_backward(features, shared, combine(weights, [cotangents])[0])
@@ -297,7 +303,7 @@ def per_task_gramian(
         return matrix, unshared_grads, weighted_gradient
     stacked = torch.stack(losses)
     matrix, rows = streamed_gramian(stacked, torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype),
-                                    shared, unshared)
+                                    shared, unshared, lookups=lookups)
 
     def weighted_losses_gradient(weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(stacked, shared, grad_outputs=weights.to(stacked.dtype), allow_unused=True)
@@ -373,6 +379,21 @@ class _GramianAccumulator:
         self._short.append(flat)
         self._width += flat.shape[1]
 
+    def add_batched(self, tensor: Tensor, dim: int) -> None:
+        """Add the rows of ``tensor`` whose task dimension is ``dim``. Where it is not the first and the
+        rows are long, the Gramian is a sum of small products over the leading dimensions (no copy of
+        the block into task-major order)."""
+        if dim == 0:
+            self.add(tensor)
+            return
+        lead = math.prod(tensor.shape[:dim])
+        trail = math.prod(tensor.shape[dim + 1:])
+        if trail < 16 or lead * trail < _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self.add(tensor.movedim(dim, 0))
+            return
+        blocks = tensor.reshape(lead, tensor.shape[dim], trail).float()
+        self._add(torch.bmm(blocks, blocks.transpose(1, 2)).sum(0))
+
     def result(self, count: int, device: torch.device) -> Tensor:
         self._flush()
         return torch.zeros(count, count, device=device) if self.total is None else self.total
@@ -403,27 +424,136 @@ class _GramianSink(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple[Optional[int], None], grad: Tensor,
              accumulator: _GramianAccumulator) -> tuple[Tensor, Optional[int]]:
         dim = in_dims[0]
-        rows = grad.movedim(dim, 0) if dim is not None else grad.unsqueeze(0).expand(info.batch_size, *grad.shape)
-        accumulator.add(rows)
+        if dim is None:  # the same row for every task
+            accumulator.add(grad.unsqueeze(0).expand(info.batch_size, *grad.shape))
+        else:
+            accumulator.add_batched(grad, dim)
         return grad.new_zeros(()).expand(grad.shape), dim
 
 
+@dataclass
+class _Lookup:
+    """One call of an embedding table: the gradient edge of its output, its indices, its padding index."""
+
+    weight: Tensor
+    edge: GradientEdge
+    indices: Tensor
+    padding_idx: Optional[int]
+
+
+class EmbeddingLookups:
+    """Records the lookups of the embedding tables among ``parameters`` during the forward pass, so that
+    :func:`streamed_gramian` takes a table's part of the Gramian from the lookups' output gradients
+    (T × tokens × width, coalesced by index) instead of the T dense V × width gradients of the table
+    (of a 30k-token vocabulary: 47 MB per task and 384 columns).
+
+    A table qualifies when it is an ``nn.Embedding`` (forward not overridden, no ``scale_grad_by_freq``)
+    whose weight belongs to no other module; at each use :func:`streamed_gramian` also checks on the
+    autograd graph that the loss reads the weight through the recorded lookups only (else the table
+    takes the general path). Call :meth:`remove` to drop the hooks.
+    """
+
+    def __init__(self, root: nn.Module, parameters: Sequence[Tensor]) -> None:
+        wanted = {id(p) for p in parameters}
+        owners = Counter(id(p) for _, p in root.named_parameters(remove_duplicate=False))
+        self.tables = [m for m in root.modules()
+                       if isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward
+                       and not m.scale_grad_by_freq and id(m.weight) in wanted and owners[id(m.weight)] == 1]
+        self._records: list[_Lookup] = []
+        self._handles = [m.register_forward_hook(self._record) for m in self.tables]
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, Tensor) and output.grad_fn is not None:
+            embedding = cast(nn.Embedding, module)
+            self._records.append(_Lookup(embedding.weight, get_gradient_edge(output), args[0].detach(),
+                                         embedding.padding_idx))
+
+    def take(self) -> list[_Lookup]:
+        """The lookups recorded since the last call (stale ones, of a graph already used, are ignored)."""
+        records, self._records = self._records, []
+        return records
+
+    def clear(self) -> None:
+        self._records = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._records = [], []
+
+
+def _lookups_read_alone(output: Tensor, lookups: Sequence[_Lookup]) -> list[_Lookup]:
+    """The lookups of ``output``'s graph whose table the graph reads through its recorded lookups only."""
+    if output.grad_fn is None or not lookups:
+        return []
+    tables = {id(get_gradient_edge(l.weight).node): l.weight for l in lookups}
+    lookup_nodes = {id(l.edge.node) for l in lookups}
+    reached: set[int] = set()
+    read_elsewhere: set[int] = set()
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in lookup_nodes:
+            reached.add(id(node))
+            continue
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            if id(child) in tables:
+                read_elsewhere.add(id(tables[id(child)]))
+            else:
+                stack.append(child)
+    return [l for l in lookups if id(l.edge.node) in reached and id(l.weight) not in read_elsewhere]
+
+
+def _add_lookup_gramian(accumulator: _GramianAccumulator, lookups: list[_Lookup], rows: list[Tensor]) -> None:
+    """Each table's part of the Gramian from its lookups' output rows (T, *indices.shape, width): the
+    rows of a task's table gradient are the output rows summed by index (padding rows get none)."""
+    for weight_id in dict.fromkeys(id(l.weight) for l in lookups):
+        mine = [(l, r) for l, r in zip(lookups, rows) if id(l.weight) == weight_id]
+        count, width = mine[0][1].shape[0], mine[0][1].shape[-1]
+        indices = torch.cat([l.indices.reshape(-1) for l, _ in mine])
+        values = torch.cat([r.reshape(count, -1, width) for _, r in mine], dim=1)
+        padding = mine[0][0].padding_idx
+        if padding is not None:
+            keep = indices != padding
+            indices, values = indices[keep], values[:, keep]
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        table = values.new_zeros(count, unique.numel(), width).index_add_(1, inverse, values)
+        accumulator.add(table)
+
+
 def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor],
-                     materialize: Sequence[Tensor] = (), retain_graph: bool = True) -> tuple[Tensor, list[Tensor]]:
+                     materialize: Sequence[Tensor] = (), retain_graph: bool = True,
+                     lookups: Sequence[_Lookup] = ()) -> tuple[Tensor, list[Tensor]]:
     """M = JJᵀ (T×T, float32) of the rows J_t = ∂⟨cotangents[t], output⟩/∂θ over the tensors θ of ``inputs``,
     without ever holding J: one backward vmapped over the T rows (``torch.func.vmap``), in which a hook on
     each input adds the Gramian of its T rows as soon as autograd has computed them and drops them. At
     most one input's ``(T, *shape)`` rows are alive at a time (TorchJD's autogram engine, Algorithm 3 of
     Quinton & Rey, 2024, holds one module's; this needs no forward hooks and reuses the backward's own
-    parameter gradients). The rows w.r.t. ``materialize`` (e.g. heads) are returned as ``(T, *shape)``.
+    parameter gradients). An embedding table with recorded ``lookups`` (:class:`EmbeddingLookups`) is
+    not differentiated at all: its part comes from its lookups' output rows. The rows w.r.t.
+    ``materialize`` (e.g. heads) are returned as ``(T, *shape)``.
     """
     inputs, materialize = list(inputs), list(materialize)
+    differentiated = {id(x) for x in inputs}
+    read = _lookups_read_alone(output, [l for l in lookups if id(l.weight) in differentiated])
+    by_lookup = {id(l.weight) for l in read}
+    streamed = [x for x in inputs if id(x) not in by_lookup]
     accumulator = _GramianAccumulator()
-    handles = [x.register_hook(partial(_GramianSink.apply, accumulator=accumulator)) for x in inputs]
+    handles = [x.register_hook(partial(_GramianSink.apply, accumulator=accumulator)) for x in streamed]
+    targets: list[Any] = [*streamed, *materialize, *(l.edge for l in read)]
+    unused: list[bool] = []
 
-    def rows_of(cotangent: Tensor) -> tuple[Optional[Tensor], ...]:
-        return torch.autograd.grad(output, [*inputs, *materialize], grad_outputs=cotangent,
-                                   retain_graph=retain_graph, allow_unused=True)
+    def rows_of(cotangent: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(output, targets, grad_outputs=cotangent, retain_graph=retain_graph,
+                                    allow_unused=True)
+        unused[:] = [g is None for g in grads]
+        return tuple(cotangent.new_zeros(()) if g is None else g for g in grads)  # vmap returns tensors only
 
     try:
         grads = torch.func.vmap(rows_of)(cotangents)
@@ -431,6 +561,12 @@ def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor
         for handle in handles:
             handle.remove()
     count = cotangents.shape[0]
-    kept = [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
-            for g, x in zip(grads[len(inputs):], materialize)]
+    start = len(streamed)
+    kept = [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if missing else g
+            for g, missing, x in zip(grads[start:start + len(materialize)], unused[start:], materialize)]
+    start += len(materialize)
+    lookup_rows = [g if not missing else torch.zeros((count, *l.indices.shape, l.weight.shape[1]),
+                                                      device=g.device, dtype=l.weight.dtype)
+                   for g, missing, l in zip(grads[start:], unused[start:], read)]
+    _add_lookup_gramian(accumulator, read, lookup_rows)
     return accumulator.result(count, cotangents.device), kept

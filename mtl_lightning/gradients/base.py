@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from mtl_lightning.balancing.base import BalancingContext, BalancingMethod
 from mtl_lightning.core.engine import (
+    EmbeddingLookups,
     combine,
     cross_gramian,
     gramian,
@@ -122,11 +123,17 @@ class GradientBalancer(BalancingMethod):
         #: the next step's solve starts: it changes the last bits of the answer, so it is checkpointed.
         self._previous: Optional[Tensor] = None
         self._warned_no_split = False
+        #: The shared embedding tables' lookups, recorded for the Gramian engine (set up with the model).
+        self._lookups: Optional[EmbeddingLookups] = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         arch = pl_module.architecture
         self._check_engine(arch)
+        if self.engine == "gramian":
+            if self._lookups is not None:
+                self._lookups.remove()
+            self._lookups = EmbeddingLookups(arch, pl_module.shared_parameters())
         if self.mode not in arch.supported_modes:
             raise ValueError(
                 f"{self.name}: mode={self.mode!r} needs a shared representation, which {type(arch).__name__} does not "
@@ -137,6 +144,12 @@ class GradientBalancer(BalancingMethod):
                 f"{self.name} arbitrates the parameters shared by all tasks, and {type(arch).__name__} has none "
                 "trainable (frozen, or each task has its own). Use a loss-weighting method (e.g. EqualWeighting)."
             )
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._lookups is not None:
+            self._lookups.remove()
+            self._lookups = None
 
     @property
     def scale_exponent(self) -> Optional[float]:
@@ -237,8 +250,9 @@ class GradientBalancer(BalancingMethod):
         names = list(ctx.task_names)
         with ctx.no_sync():
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
+            lookups = self._lookups.take() if self._lookups is not None else []
             streamed, unshared_grads, weighted_gradient = per_task_gramian(scaled, ctx.features, shared, unshared,
-                                                                           head_inputs)
+                                                                           head_inputs, lookups)
         with torch.autocast(loss_vector.device.type, enabled=False):
             matrix = streamed.double()
             if scale is not None:
