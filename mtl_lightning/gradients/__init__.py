@@ -11,11 +11,14 @@ from mtl_lightning.gradients.db_mtl import DBMTL
 from mtl_lightning.gradients.dualproj import DualProj
 from mtl_lightning.gradients.excess_mtl import ExcessMTL
 from mtl_lightning.core.engine import (
+    EmbeddingLookups,
     combine,
     flatten_jacobian,
     gramian,
     per_task_gradients,
+    per_task_gramian,
     representation_backward,
+    streamed_gramian,
     task_jacobian,
     unflatten_into,
 )
@@ -35,7 +38,7 @@ from mtl_lightning.gradients.upgrad import UPGrad
 
 __all__ = [
     "task_jacobian", "flatten_jacobian", "unflatten_into", "gramian", "combine", "per_task_gradients",
-    "representation_backward",
+    "representation_backward", "per_task_gramian", "streamed_gramian", "EmbeddingLookups",
     "GradientBalancer", "MGDA", "PCGrad", "GradVac", "GradDrop", "CAGrad", "NashMTL", "IMTLG", "AlignedMTL",
     "UPGrad", "DBMTL", "FairGrad", "DualProj", "ConFIG", "SDMGrad", "CRMOGM", "ExcessMTL", "MConFIG", "MoCo", "MoDo",
     "TorchJDWeighting",
