@@ -292,3 +292,35 @@ def test_a_token_task_on_pooled_features_is_named(tiny_bert):
     model = MultiTaskModule(TransformerEncoder(str(tiny_bert), pooling="cls"), [TokenClassificationTask("parity", 2)])
     with pytest.raises(TaskConfigError, match="parity.*pooling: tokens"):
         model.compute_losses(token_data(8)[list(range(8))], "train")
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_no_update(tiny_bert):
+    # The whole transformer trainable (hard sharing): each mode and engine makes the same update with the
+    # layers' activations recomputed in the backward as with them kept.
+    from torch.utils.data import DataLoader
+
+    def fitted(method: object, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = MultiTaskModule(TransformerEncoder(str(tiny_bert), pooling="mean",
+                                                   gradient_checkpointing=checkpointing), tasks())
+        # SGD: Adam would scale the rounding noise of the key biases' zero gradient up to full steps
+        model.optimizer_factory = lambda params: torch.optim.SGD(params, lr=0.1)
+        calls: list[int] = []
+        model.encoder.backbone.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
+        trainer = quiet_trainer(max_steps=1, callbacks=[method], limit_val_batches=0)
+        trainer.fit(model, DataLoader([batch()], batch_size=None))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, len(calls)
+
+    for make in (lambda: UPGrad(mode="param"), lambda: UPGrad(mode="param", engine="gramian"),
+                 lambda: UPGrad(mode="rep")):
+        kept, forward_calls = fitted(make(), False)
+        recomputed, checkpointed_calls = fitted(make(), True)
+        assert checkpointed_calls > forward_calls
+        for name in kept:
+            torch.testing.assert_close(recomputed[name], kept[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_on_a_model_without_it_is_named(tiny_bert, monkeypatch):
+    monkeypatch.setattr(transformers.BertModel, "supports_gradient_checkpointing", False)
+    with pytest.raises(ValueError, match="does not support gradient checkpointing; set gradient_checkpointing: false"):
+        TransformerEncoder(str(tiny_bert), gradient_checkpointing=True)

@@ -19,6 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+#: Graph signatures whose batched backward failed; the loop is used for them. A batched attempt always
+#: keeps the graph: one that fails midway (an op without a batching rule, a dropout recomputed by
+#: activation checkpointing) must leave it whole for the loop.
 _BATCHING_FAILURES: set[str] = set()
 
 
@@ -45,7 +48,7 @@ def task_jacobian(
             eye = torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype)
             try:
                 grads = torch.autograd.grad(
-                    stacked, inputs, grad_outputs=eye, retain_graph=retain_graph,
+                    stacked, inputs, grad_outputs=eye, retain_graph=True,
                     is_grads_batched=True, allow_unused=True,
                 )
                 return [torch.zeros((len(losses), *x.shape), device=x.device, dtype=x.dtype) if g is None else g
@@ -171,7 +174,7 @@ def _batched_or_looped_vjp(output: Tensor, inputs: Sequence[Tensor], cotangents:
         if key not in _BATCHING_FAILURES:
             try:
                 grads = torch.autograd.grad(
-                    output, inputs, grad_outputs=cotangents, retain_graph=False,
+                    output, inputs, grad_outputs=cotangents, retain_graph=True,
                     is_grads_batched=True, allow_unused=True,
                 )
                 return [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
@@ -556,7 +559,9 @@ def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor
         return tuple(cotangent.new_zeros(()) if g is None else g for g in grads)  # vmap returns tensors only
 
     try:
-        grads = torch.func.vmap(rows_of)(cotangents)
+        # randomness="same": a recomputed forward (activation checkpointing) redraws the forward's one
+        # dropout mask (the checkpoint restores the random state), not one per task.
+        grads = torch.func.vmap(rows_of, randomness="same")(cotangents)
     finally:
         for handle in handles:
             handle.remove()

@@ -31,6 +31,9 @@ class TransformerEncoder(nn.Module):
             ``"last_token"`` (last attended token, for decoder models) or ``"tokens"`` (per-token features
             (B, L, H), for token-level tasks).
         trainable: Train the transformer's weights (False: they stay fixed).
+        gradient_checkpointing: Recompute each layer's activations in the backward pass instead of keeping
+            them (the model's ``gradient_checkpointing_enable``, non-reentrant): less activation memory for
+            about one more forward pass. Every gradient-method mode and engine works with it.
 
     ``out_features`` is the model's hidden size. ``backbone`` is the Hugging Face model (LoRA adapters
     and ``save_pretrained`` act on it).
@@ -51,7 +54,8 @@ class TransformerEncoder(nn.Module):
         (16, (3, 16))
     """
 
-    def __init__(self, path: str, pooling: str = "cls", trainable: bool = True) -> None:
+    def __init__(self, path: str, pooling: str = "cls", trainable: bool = True,
+                 gradient_checkpointing: bool = False) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"TransformerEncoder: pooling must be one of {list(POOLINGS)}, got {pooling!r}.")
@@ -61,6 +65,11 @@ class TransformerEncoder(nn.Module):
         self.pooling = pooling
         self.out_features: int = int(self.backbone.config.hidden_size)
         self.backbone.requires_grad_(trainable)
+        if gradient_checkpointing:
+            if not getattr(self.backbone, "supports_gradient_checkpointing", False):
+                raise ValueError(f"TransformerEncoder: {type(self.backbone).__name__} ({self.path}) does not support "
+                                 "gradient checkpointing; set gradient_checkpointing: false.")
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backbone.train()  # from_pretrained returns it in eval mode; Lightning keeps modes as it finds them
 
     def forward(self, x: Any) -> Tensor:
