@@ -421,16 +421,16 @@ def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor
     accumulator = _GramianAccumulator()
     handles = [x.register_hook(partial(_GramianSink.apply, accumulator=accumulator)) for x in inputs]
 
-    def rows_of(cotangent: Tensor) -> tuple[Optional[Tensor], ...]:
-        return torch.autograd.grad(output, [*inputs, *materialize], grad_outputs=cotangent,
-                                   retain_graph=retain_graph, allow_unused=True)
+    def rows_of(cotangent: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(output, [*inputs, *materialize], grad_outputs=cotangent,
+                                    retain_graph=retain_graph, allow_unused=True)
+        # Only the materialised rows leave the vmap (an input's are the sink's zeros), and as tensors:
+        # vmap cannot return the None of an input the output does not depend on.
+        return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads[len(inputs):], materialize))
 
     try:
-        grads = torch.func.vmap(rows_of)(cotangents)
+        kept = list(torch.func.vmap(rows_of)(cotangents))
     finally:
         for handle in handles:
             handle.remove()
-    count = cotangents.shape[0]
-    kept = [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if g is None else g
-            for g, x in zip(grads[len(inputs):], materialize)]
-    return accumulator.result(count, cotangents.device), kept
+    return accumulator.result(cotangents.shape[0], cotangents.device), kept
