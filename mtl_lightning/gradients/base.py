@@ -27,7 +27,7 @@ Semantics shared by every method (see the README, "Gradient balancing methods"):
   M = JJᵀ parameter by parameter (:func:`~mtl_lightning.core.engine.per_task_gramian`), and one more
   backward applies Σ_t w_t ∂L_t/∂θ. Peak memory is then about one parameter tensor's T rows instead
   of T×P, for one extra backward. Aggregation follows rep mode: each micro-batch on its own, with the
-  Gramian averaged over DDP ranks (the Gramian of the ranks' Jacobians side by side, not of their mean).
+  Gramian averaged over DDP ranks (the mean of the ranks' Gramians, not the Gramian of their mean J).
 """
 
 from __future__ import annotations
@@ -248,7 +248,8 @@ class GradientBalancer(BalancingMethod):
         backward of Σ_t w_t L_t into the shared parameters; aggregated per micro-batch like rep mode."""
         self._check_engine(ctx.architecture)
         names = list(ctx.task_names)
-        with ctx.no_sync():
+        # The Gramian's products run inside the backward, where autocast still applies (fp16 overflows).
+        with ctx.no_sync(), torch.autocast(loss_vector.device.type, enabled=False):
             head_inputs = None if ctx.head_inputs is None else [ctx.head_inputs.get(n) for n in names]
             lookups = self._lookups.take() if self._lookups is not None else []
             streamed, unshared_grads, weighted_gradient = per_task_gramian(scaled, ctx.features, shared, unshared,
@@ -257,20 +258,24 @@ class GradientBalancer(BalancingMethod):
             matrix = streamed.double()
             if scale is not None:
                 matrix = matrix / scale.double() ** 2
-            matrix, loss_vector = self._global_gramian(ctx, matrix, loss_vector)
+            matrix, loss_vector = self._global_gramian(ctx, matrix, loss_vector, side_by_side=False)
             self._last_weights = self.step_weights(matrix, loss_vector, ctx)
             shared_grads = weighted_gradient(self._last_weights)
         self._apply_per_microbatch(ctx, shared, unshared, shared_grads, unshared_grads)
 
     @staticmethod
-    def _global_gramian(ctx: BalancingContext, matrix: Tensor, loss_vector: Tensor) -> tuple[Tensor, Tensor]:
-        """The Gramian of the ranks' Jacobians side by side (the mean of their Gramians: one all-reduce,
-        with the losses) and the rank-averaged losses; unchanged on one process."""
+    def _global_gramian(ctx: BalancingContext, matrix: Tensor, loss_vector: Tensor,
+                        side_by_side: bool = True) -> tuple[Tensor, Tensor]:
+        """The global Gramian (one all-reduce, with the losses) and the rank-averaged losses; unchanged on
+        one process. ``side_by_side`` (rep mode): the Gramian of the ranks' representation Jacobians side by
+        side, each 1/W of the whole batch's (the mean of their Gramians / W: what one process gets on the
+        whole batch); else (the Gramian engine's parameter Jacobians) the mean of their Gramians."""
         if ctx.world_size <= 1:
             return matrix, loss_vector
         t = matrix.shape[0]
         summary = ctx.reduce_mean(torch.cat([matrix.reshape(-1), loss_vector.double()]))
-        return summary[: t * t].view(t, t) / ctx.world_size, summary[t * t:].float()
+        mean = summary[: t * t].view(t, t)
+        return mean / ctx.world_size if side_by_side else mean, summary[t * t:].float()
 
     def _apply_per_microbatch(self, ctx: BalancingContext, shared: list[nn.Parameter], unshared: list[nn.Parameter],
                               shared_grads: list[Tensor], unshared_grads: list[Tensor]) -> None:
