@@ -480,9 +480,10 @@ def test_ddp_weights_come_from_the_mean_of_the_ranks_gramians(tmp_path):
         assert torch.equal(ranks[0]["parameters"], ranks[1]["parameters"]), name
         assert torch.equal(ranks[0]["weights"], ranks[1]["weights"]), name
         seen = ranks[0]["gramian"]
-        torch.testing.assert_close(seen, mean_gramian, rtol=1e-6, atol=1e-7 * float(mean_gramian.diagonal().max()))
+        # float32 products (the engine's Gramian), summed in an order that depends on the threads
+        torch.testing.assert_close(seen, mean_gramian, rtol=1e-5, atol=1e-6 * float(mean_gramian.diagonal().max()))
         weights = ranks[0]["weights"]
-        torch.testing.assert_close(weights, factory().weights(mean_gramian, mean_losses.float()), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(weights, factory().weights(seen, mean_losses.float()), rtol=1e-5, atol=1e-7)
         direction = sum(weights @ j for j, _, _ in per_rank) / 2
         heads = [(a + b) / 2 for a, b in zip(per_rank[0][1], per_rank[1][1])]
         step = torch.cat([g.reshape(-1) for g in expected_gradients(module, direction, heads)])

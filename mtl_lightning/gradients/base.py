@@ -254,7 +254,6 @@ class GradientBalancer(BalancingMethod):
             lookups = self._lookups.take() if self._lookups is not None else []
             streamed, unshared_grads, weighted_gradient = per_task_gramian(scaled, ctx.features, shared, unshared,
                                                                            head_inputs, lookups)
-        with torch.autocast(loss_vector.device.type, enabled=False):
             matrix = streamed.double()
             if scale is not None:
                 matrix = matrix / scale.double() ** 2
