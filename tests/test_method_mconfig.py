@@ -262,7 +262,9 @@ def test_every_architecture_gets_the_momentum_step_of_the_chosen_task_and_its_he
         expected = official.calculate_gradient([s % 3], [torch.cat([g.reshape(-1) for g in own[: len(shared)]]).numpy()])
         method.backward(step.context(data, module.training_losses(data), s, 0, True))
         got = torch.cat([p.grad.reshape(-1) for p in shared]).numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-10)
+        # atol: the operator's unit-length step, where the official float64 arithmetic leaves ~1e-9 on
+        # components that are exactly zero (a frozen-LoRA adapter's A before B has moved)
+        np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-8)
         for p, g in zip(unshared, head_expected):
             torch.testing.assert_close(p.grad, torch.zeros_like(p) if g is None else g, rtol=1e-9, atol=1e-12)
     assert np.abs(got).max() > 0 and method.next_task == 0
