@@ -533,3 +533,38 @@ def test_the_engine_is_set_from_yaml(tmp_path):
     (method,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, UPGrad)]
     assert method.engine == "gramian" and method.mode == "param"
     assert cli.trainer.global_step == 2
+
+
+# ------------------------------------------------------------------------------- 9. no vmap
+@pytest.mark.parametrize("representation", [True, False])
+def test_a_graph_the_vmap_cannot_run_falls_back_to_the_held_jacobian(representation, monkeypatch):
+    """Where the vmapped backward fails (an op functorch cannot batch), the step says so and computes the
+    same Gramian, unshared gradients and weighted gradient from a loop of T backward passes."""
+    from mtl_lightning.core import engine
+
+    def build():
+        torch.manual_seed(0)
+        encoder = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+        heads = torch.nn.ModuleList(torch.nn.Linear(6, 1) for _ in range(3))
+        x = torch.randn(5, 4)
+        z = encoder(x)
+        losses = [h(z).pow(2).mean() for h in heads]
+        features = z if representation else {f"t{i}": z for i in range(3)}
+        return losses, features, list(encoder.parameters()), [p for h in heads for p in h.parameters()]
+
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    expected = engine.per_task_gramian(*build())
+    reference = (expected[0], expected[1], expected[2](weights))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("vmap: an op without a batching rule")
+
+    monkeypatch.setattr(engine.torch.func, "vmap", broken)
+    engine._UNSTREAMABLE_WARNED.clear()
+    with pytest.warns(UserWarning, match="engine='gramian': the vmapped backward failed on this graph"):
+        matrix, unshared, weighted = engine.per_task_gramian(*build())
+    torch.testing.assert_close(matrix, reference[0], rtol=1e-5, atol=1e-7)
+    for got, want in zip(unshared, reference[1]):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(weighted(weights), reference[2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

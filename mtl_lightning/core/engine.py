@@ -10,6 +10,7 @@ back to a loop of T backward passes. Everything stays on the device: no host rou
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -293,26 +294,58 @@ def per_task_gramian(
 
     With a shared representation z the T rows ∂L_t/∂z are streamed through the encoder and the weighted
     gradient is one backward of Σ_t w_t ∂L_t/∂z; with features by task, the stacked losses are.
-    ``lookups``: the embedding lookups of this forward pass (:class:`EmbeddingLookups`).
+    ``lookups``: the embedding lookups of this forward pass (:class:`EmbeddingLookups`). Where the
+    vmapped backward fails on the graph (an op functorch cannot batch), the step falls back to a loop
+    of T backward passes that holds J (the same update; a warning says so once).
     """
     losses, shared, unshared = list(losses), list(shared), list(unshared)
     if isinstance(features, Tensor):
         cotangents, unshared_grads = _representation_rows(losses, features, unshared, head_inputs)
-        matrix, _ = streamed_gramian(features, cotangents, shared, lookups=lookups)
+        try:
+            matrix, _ = streamed_gramian(features, cotangents, shared, lookups=lookups)
+        except RuntimeError as error:
+            _warn_unstreamable(error)
+            held, weighted = _held_jacobian(_batched_or_looped_vjp(features, shared, cotangents, batched=False))
+            return held, unshared_grads, weighted
 
         def weighted_gradient(weights: Tensor) -> list[Tensor]:
             return representation_backward(features, shared, combine(weights, [cotangents])[0])
 
         return matrix, unshared_grads, weighted_gradient
     stacked = torch.stack(losses)
-    matrix, rows = streamed_gramian(stacked, torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype),
-                                    shared, unshared, lookups=lookups)
+    try:
+        matrix, rows = streamed_gramian(stacked, torch.eye(len(losses), device=stacked.device, dtype=stacked.dtype),
+                                        shared, unshared, lookups=lookups)
+    except RuntimeError as error:
+        _warn_unstreamable(error)
+        blocks = task_jacobian(losses, [*shared, *unshared], batched=False, retain_graph=False)
+        matrix, weighted = _held_jacobian(blocks[: len(shared)])
+        return matrix, [b.sum(0) for b in blocks[len(shared):]], weighted
 
     def weighted_losses_gradient(weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(stacked, shared, grad_outputs=weights.to(stacked.dtype), allow_unused=True)
         return _zeros_for_none(grads, shared)
 
     return matrix, [r.sum(0) for r in rows], weighted_losses_gradient
+
+
+_UNSTREAMABLE_WARNED: set[str] = set()
+
+
+def _warn_unstreamable(error: RuntimeError) -> None:
+    """Say once per kind of failure that this graph could not be streamed and the step holds J instead."""
+    message = str(error).split("\n")[0][:200]
+    if message not in _UNSTREAMABLE_WARNED:
+        _UNSTREAMABLE_WARNED.add(message)
+        warnings.warn(f"engine='gramian': the vmapped backward failed on this graph ({message}); the step holds the "
+                      "Jacobian instead (a loop of T backward passes: the same update, the memory of "
+                      "engine='jacobian').", stacklevel=3)
+
+
+def _held_jacobian(blocks: list[Tensor]) -> tuple[Tensor, Callable[[Tensor], list[Tensor]]]:
+    """The Gramian of Jacobian blocks held in memory, and the weighted sum of their rows (the fallback of
+    :func:`per_task_gramian`)."""
+    return gramian(blocks), lambda weights: combine(weights, blocks)
 
 
 def split_by_sample(rows: Tensor, splits: int) -> Tensor:
