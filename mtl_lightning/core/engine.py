@@ -14,7 +14,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Optional, Sequence, cast
+from typing import Any, Callable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -85,13 +85,69 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
 
     Short blocks (biases, norms, small kernels; wherever they sit among the long ones) are concatenated
     into groups of up to 65,536 columns and multiplied once per group: per-block products cost a call each, which for
-    models with hundreds of parameter tensors outweighs the small copy. On CPU a long block is split
-    into column chunks and multiplied as one batched product: MKL runs the skinny (T × n)·(n × T)
-    product of a long row on a single thread, the batched one on all of them (the Gramian of the
-    reference benchmark's param mode: 1.3–1.6× faster at T = 2 to 16).
+    models with hundreds of parameter tensors outweighs the small copy. On CPU a long block is
+    multiplied as a batched product over column chunks (:class:`_GramianAccumulator`).
     """
-    total: Optional[Tensor] = None
-    for matrix in _column_groups(blocks):
+    accumulator = _GramianAccumulator()
+    for block in blocks:
+        accumulator.add(block)
+    total = accumulator.result()
+    if total is None:
+        raise ValueError("gramian needs at least one Jacobian block.")
+    return total
+
+
+class _GramianAccumulator:
+    """Σ over blocks of the T×T Gramian (float32) of ``(T, *shape)`` blocks, fed one block at a time (what
+    :func:`gramian` sums, and :func:`streamed_gramian` as autograd hands it the blocks): a long block is
+    multiplied at once, the short ones (wherever they sit among the long ones) are buffered into
+    concatenated groups of up to ``_CHUNKED_GRAMIAN_MIN_COLUMNS`` columns."""
+
+    def __init__(self) -> None:
+        self.total: Optional[Tensor] = None
+        self._short: list[Tensor] = []
+        self._width = 0
+
+    def add(self, block: Tensor) -> None:
+        flat = block.reshape(block.shape[0], -1).float()
+        if flat.shape[1] >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self._add_matrix(flat)
+            return
+        if self._width + flat.shape[1] > _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self._flush()
+        self._short.append(flat)
+        self._width += flat.shape[1]
+
+    def add_batched(self, tensor: Tensor, dim: int) -> None:
+        """Add the rows of ``tensor`` whose task dimension is ``dim``. Where it is not the first and the
+        rows are long, the Gramian is a sum of small products over the leading dimensions (no copy of
+        the block into task-major order)."""
+        if dim == 0:
+            self.add(tensor)
+            return
+        lead = math.prod(tensor.shape[:dim])
+        trail = math.prod(tensor.shape[dim + 1:])
+        if trail < 16 or lead * trail < _CHUNKED_GRAMIAN_MIN_COLUMNS:
+            self.add(tensor.movedim(dim, 0))
+            return
+        blocks = tensor.reshape(lead, tensor.shape[dim], trail).float()
+        self._add_part(torch.bmm(blocks, blocks.transpose(1, 2)).sum(0))
+
+    def result(self) -> Optional[Tensor]:
+        """The sum so far (None before any block)."""
+        self._flush()
+        return self.total
+
+    def _flush(self) -> None:
+        if self._short:
+            self._add_matrix(self._short[0] if len(self._short) == 1 else torch.cat(self._short, 1))
+            self._short, self._width = [], 0
+
+    def _add_matrix(self, matrix: Tensor) -> None:
+        """Add the Gramian of a float32 (T, n) matrix. On CPU a long one is split into column chunks and
+        multiplied as one batched product: MKL runs the skinny (T × n)·(n × T) product of a long row on a
+        single thread, the batched one on all of them (the Gramian of the reference benchmark's param
+        mode: 1.3–1.6× faster at T = 2 to 16)."""
         columns = matrix.shape[1]
         if matrix.device.type == "cpu" and columns >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
             width = columns // _GRAMIAN_CHUNKS
@@ -101,33 +157,14 @@ def gramian(blocks: Sequence[Tensor]) -> Tensor:
             if covered < columns:
                 rest = matrix[:, covered:]
                 part.addmm_(rest, rest.T)
-            total = part if total is None else total.add_(part)
-        elif total is None:
-            total = matrix @ matrix.T
+            self._add_part(part)
+        elif self.total is None:
+            self.total = matrix @ matrix.T
         else:
-            total.addmm_(matrix, matrix.T)
-    if total is None:
-        raise ValueError("gramian needs at least one Jacobian block.")
-    return total
+            self.total.addmm_(matrix, matrix.T)
 
-
-def _column_groups(blocks: Sequence[Tensor]) -> Iterator[Tensor]:
-    """The blocks as float32 (T, n) matrices: long ones alone, the short ones (wherever they sit)
-    concatenated into groups of up to ``_CHUNKED_GRAMIAN_MIN_COLUMNS`` columns."""
-    run: list[Tensor] = []
-    width = 0
-    for block in blocks:
-        flat = block.reshape(block.shape[0], -1).float()
-        if flat.shape[1] >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
-            yield flat
-            continue
-        if run and width + flat.shape[1] > _CHUNKED_GRAMIAN_MIN_COLUMNS:
-            yield run[0] if len(run) == 1 else torch.cat(run, 1)
-            run, width = [], 0
-        run.append(flat)
-        width += flat.shape[1]
-    if run:
-        yield run[0] if len(run) == 1 else torch.cat(run, 1)
+    def _add_part(self, part: Tensor) -> None:
+        self.total = part if self.total is None else self.total.add_(part)
 
 
 def combine(weights: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
@@ -396,53 +433,6 @@ def representation_backward(features: Tensor, shared: Sequence[Tensor], directio
 
 
 # -- the Gramian without the Jacobian -------------------------------------------------------------------
-class _GramianAccumulator:
-    """Σ over blocks of the T×T Gramian of ``(T, *shape)`` blocks, fed one block at a time: a long block
-    is multiplied at once and dropped, short ones are buffered into groups (as :func:`gramian` groups them)."""
-
-    def __init__(self) -> None:
-        self.total: Optional[Tensor] = None
-        self._short: list[Tensor] = []
-        self._width = 0
-
-    def add(self, block: Tensor) -> None:
-        flat = block.reshape(block.shape[0], -1)
-        if flat.shape[1] >= _CHUNKED_GRAMIAN_MIN_COLUMNS:
-            self._add(gramian([flat]))
-            return
-        if self._width + flat.shape[1] > _CHUNKED_GRAMIAN_MIN_COLUMNS:
-            self._flush()
-        self._short.append(flat)
-        self._width += flat.shape[1]
-
-    def add_batched(self, tensor: Tensor, dim: int) -> None:
-        """Add the rows of ``tensor`` whose task dimension is ``dim``. Where it is not the first and the
-        rows are long, the Gramian is a sum of small products over the leading dimensions (no copy of
-        the block into task-major order)."""
-        if dim == 0:
-            self.add(tensor)
-            return
-        lead = math.prod(tensor.shape[:dim])
-        trail = math.prod(tensor.shape[dim + 1:])
-        if trail < 16 or lead * trail < _CHUNKED_GRAMIAN_MIN_COLUMNS:
-            self.add(tensor.movedim(dim, 0))
-            return
-        blocks = tensor.reshape(lead, tensor.shape[dim], trail).float()
-        self._add(torch.bmm(blocks, blocks.transpose(1, 2)).sum(0))
-
-    def result(self, count: int, device: torch.device) -> Tensor:
-        self._flush()
-        return torch.zeros(count, count, device=device) if self.total is None else self.total
-
-    def _flush(self) -> None:
-        if self._short:
-            self._add(gramian(self._short))
-            self._short, self._width = [], 0
-
-    def _add(self, part: Tensor) -> None:
-        self.total = part if self.total is None else self.total.add_(part)
-
-
 class _GramianSink(torch.autograd.Function):
     """The identity on a parameter's gradient, except inside the vmapped backward of
     :func:`streamed_gramian`: there its vmap rule sees the T rows at once, adds their Gramian to the
@@ -508,9 +498,6 @@ class EmbeddingLookups:
         """The lookups recorded since the last call (stale ones, of a graph already used, are ignored)."""
         records, self._records = self._records, []
         return records
-
-    def clear(self) -> None:
-        self._records = []
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -602,9 +589,7 @@ def streamed_gramian(output: Tensor, cotangents: Tensor, inputs: Sequence[Tensor
     start = len(streamed)
     kept = [torch.zeros((count, *x.shape), device=x.device, dtype=x.dtype) if missing else g
             for g, missing, x in zip(grads[start:start + len(materialize)], unused[start:], materialize)]
-    start += len(materialize)
-    lookup_rows = [g if not missing else torch.zeros((count, *l.indices.shape, l.weight.shape[1]),
-                                                      device=g.device, dtype=l.weight.dtype)
-                   for g, missing, l in zip(grads[start:], unused[start:], read)]
-    _add_lookup_gramian(accumulator, read, lookup_rows)
-    return accumulator.result(count, cotangents.device), kept
+    # the lookups read are in the graph (_lookups_read_alone reached them): autograd gives each its rows
+    _add_lookup_gramian(accumulator, read, list(grads[start + len(materialize):]))
+    total = accumulator.result()
+    return torch.zeros(count, count, device=cotangents.device) if total is None else total, kept
