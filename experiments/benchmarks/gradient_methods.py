@@ -438,15 +438,21 @@ def table(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
-    parser.add_argument("--repeats", type=int, default=7, help="rounds over all configurations")
-    parser.add_argument("--inner", type=int, default=3, help="consecutive timed steps per configuration and round")
+def add_timing_arguments(parser: argparse.ArgumentParser, repeats: int, inner: int) -> None:
+    """The options of the timing machinery (:func:`interleave`, :func:`in_fresh_processes`) that every
+    benchmark script built on it takes, with the script's default ``repeats`` and ``inner``."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="rounds over all configurations")
+    parser.add_argument("--inner", type=int, default=inner, help="consecutive timed steps per configuration and round")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=["retain", "system"], default="retain",
                         help="retain: glibc keeps freed memory for reuse (no per-step page faults); system: glibc defaults")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
+    add_timing_arguments(parser, repeats=7, inner=3)
     parser.add_argument("--torchjd", action=argparse.BooleanOptionalAction, default=True,
                         help="also time TorchJD's MTL step for every method it implements (needs TorchJD)")
     args = parser.parse_args()

@@ -80,6 +80,7 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.benchmarks.gradient_methods import (  # noqa: E402
     METHODS,
+    add_timing_arguments,
     import_torchjd,
     in_fresh_processes,
     interleave,
@@ -316,12 +317,7 @@ def main() -> None:
     parser.add_argument("--method", default="UPGrad", help="a registered gradient method with a param mode")
     parser.add_argument("--batch", type=int, default=8, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations")
-    parser.add_argument("--inner", type=int, default=1, help="consecutive timed steps per configuration and round")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--allocator", choices=["retain", "system"], default="retain",
-                        help="retain: glibc keeps freed memory for reuse (no per-step page faults); system: glibc defaults")
+    add_timing_arguments(parser, repeats=3, inner=1)
     args = parser.parse_args()
     try:
         import_torchjd()
